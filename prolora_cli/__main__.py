@@ -1,0 +1,3 @@
+from prolora_cli.cli import main
+
+main()

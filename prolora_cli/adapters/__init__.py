@@ -1,0 +1,1 @@
+"""Adapter methods. Each module holds one method's math and its layer, with no I/O."""

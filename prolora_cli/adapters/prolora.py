@@ -1,0 +1,208 @@
+"""PRoLoRA: partial rotation of shared LoRA chunks (Wang et al., ACL 2024).
+
+The whole method lives in this file: trainable shapes, the expansion index, the init and the
+layer. No I/O and no CLI here. `docs/method.md` and the spec it follows give the formulas.
+
+A frozen linear layer W0 (o x h) gets dW = scaling * B @ A with A: r x h, B: o x r, where
+  A = [expand(A_shared) ; A_unshared]      B = [expand(B_shared) | B_unshared]
+and expand() lays m (resp. n) rotated copies of one trainable chunk side by side and cuts
+them to length. u = r is exactly LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BROADCASTS = ("hidden", "rank")
+ROTATIONS = ("rank", "hidden", "none")
+INITS = ("rectified", "vanilla")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def chunk_shape(r_s: int, length: int, ratio: int, broadcast: str) -> tuple[int, int]:
+    """(rank_len, other_len) of the trainable chunk that expands to an r_s x length matrix."""
+    if broadcast == "hidden":
+        return r_s, _ceil_div(length, ratio)
+    return _ceil_div(r_s, ratio), length
+
+
+def param_shapes(h: int, o: int, r: int, u: int, m: int, n: int,
+                 broadcast: str = "hidden") -> dict[str, tuple[int, int]]:
+    """Shapes of the four trainable tensors of one layer (empty ones included)."""
+    r_s = r - u
+    a_rank, a_other = chunk_shape(r_s, h, m, broadcast)
+    b_rank, b_other = chunk_shape(r_s, o, n, broadcast)
+    return {
+        "A_shared": (a_rank, a_other),
+        "A_unshared": (u, h),
+        "B_shared": (b_other, b_rank),  # B is stored output-major, like nn.Linear weights
+        "B_unshared": (o, u),
+    }
+
+
+def count_params(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str = "hidden") -> int:
+    """Trainable numbers of one layer: u*(h+o) + r_s*(cA+cB) with the default broadcast."""
+    return sum(a * b for a, b in param_shapes(h, o, r, u, m, n, broadcast).values())
+
+
+def _chunk_coords(r_s: int, length: int, ratio: int, broadcast: str, rotation: str):
+    """For every entry (k, c) of the expanded r_s x length matrix, the chunk entry it reads.
+
+    Returns (rank_coord, other_coord) as two r_s x length index tensors.
+    """
+    k = torch.arange(r_s).unsqueeze(1)      # rank position, column vector
+    c = torch.arange(length).unsqueeze(0)   # hidden position, row vector
+    rank_len, other_len = chunk_shape(r_s, length, ratio, broadcast)
+    if broadcast == "hidden":
+        j, t = c // other_len, c % other_len   # copy index and offset within the copy
+        rank, other = k.expand(r_s, length), t.expand(r_s, length)
+    else:
+        j, t = k // rank_len, k % rank_len
+        rank, other = t.expand(r_s, length), c.expand(r_s, length)
+    j = j.expand(r_s, length)
+    if rotation == "rank":
+        # The stride is taken from the chunk's rank length (r_s with the default broadcast).
+        rank = (rank + j * max(rank_len // ratio, 1)) % rank_len
+    elif rotation == "hidden":
+        other = (other + j * max(other_len // ratio, 1)) % other_len
+    return rank, other
+
+
+def expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str = "hidden",
+                    rotation: str = "rank") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into A_shared (r_s x h) and B_shared (o x r_s): expansion is one torch.take."""
+    if r_s == 0:
+        return torch.zeros(0, h, dtype=torch.long), torch.zeros(o, 0, dtype=torch.long)
+    rank, other = _chunk_coords(r_s, h, m, broadcast, rotation)
+    a_idx = rank * chunk_shape(r_s, h, m, broadcast)[1] + other
+    rank, other = _chunk_coords(r_s, o, n, broadcast, rotation)
+    b_idx = (other * chunk_shape(r_s, o, n, broadcast)[0] + rank).T.contiguous()
+    return a_idx, b_idx
+
+
+def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """PyTorch's default Linear/LoRA init (leaky-ReLU gain, a=sqrt(5)) with an explicit fan-in."""
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+def validate(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str, rotation: str,
+             init: str) -> None:
+    """Raise ValueError with one readable sentence if the settings cannot build a layer."""
+    if r < 1:
+        raise ValueError(f"rank must be >= 1, got {r}")
+    if not 0 <= u <= r:
+        raise ValueError(f"unshared rank must be between 0 and rank ({r}), got {u}")
+    if m < 1 or n < 1:
+        raise ValueError(f"sharing ratios must be >= 1, got m={m}, n={n}")
+    if broadcast not in BROADCASTS:
+        raise ValueError(f"broadcast must be one of {', '.join(BROADCASTS)}, got {broadcast!r}")
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if r > u:  # ratios only matter when something is shared
+        a_dim, b_dim = (h, o) if broadcast == "hidden" else (r - u, r - u)
+        if m > a_dim:
+            raise ValueError(f"sharing ratio m={m} is larger than the dimension it splits ({a_dim})")
+        if n > b_dim:
+            raise ValueError(f"sharing ratio n={n} is larger than the dimension it splits ({b_dim})")
+
+
+class PRoLoRALinear(nn.Module):
+    """A frozen nn.Linear (or bitsandbytes Linear4bit) plus a PRoLoRA update.
+
+    forward(x) = base(x) + scaling * B @ (A @ dropout(x)), with A and B expanded from the
+    shared chunks on every call (O(r*(h+o)), negligible next to the matmuls).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, u: int, m: int, n: int | None = None,
+                 alpha: float = 16.0, dropout: float = 0.0, broadcast: str = "hidden",
+                 rotation: str = "rank", init: str = "rectified"):
+        super().__init__()
+        n = m if n is None else n
+        h, o = base_layer.in_features, base_layer.out_features
+        validate(h, o, r, u, m, n, broadcast, rotation, init)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = h, o
+        self.r, self.u, self.m, self.n = r, u, m, n
+        self.alpha, self.scaling = alpha, alpha / r
+        self.broadcast, self.rotation, self.init = broadcast, rotation, init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+        shapes = param_shapes(h, o, r, u, m, n, broadcast)
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None and weight.device.type != "meta" else None
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)))
+        a_idx, b_idx = expansion_index(r - u, h, o, m, n, broadcast, rotation)
+        # Not persistent: the index is a pure function of the config, so it is never saved.
+        self.register_buffer("a_index", a_idx.to(device), persistent=False)
+        self.register_buffer("b_index", b_idx.to(device), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Rectified init: the shared chunk behaves like a slice of a full r x h matrix, so it
+        # takes the full fan-in h; "vanilla" uses the chunk's own width (PRoLoRA^-i ablation).
+        shared_fan_in = self.in_features if self.init == "rectified" else self.A_shared.shape[1]
+        if self.A_shared.numel():
+            kaiming_uniform_(self.A_shared, shared_fan_in)
+        if self.A_unshared.numel():
+            kaiming_uniform_(self.A_unshared, self.in_features)
+        nn.init.zeros_(self.B_shared)
+        nn.init.zeros_(self.B_unshared)
+
+    def expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full A (r x h) and B (o x r)."""
+        a = torch.cat([torch.take(self.A_shared, self.a_index), self.A_unshared], dim=0)
+        b = torch.cat([torch.take(self.B_shared, self.b_index), self.B_unshared], dim=1)
+        return a, b
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW = scaling * B @ A, in the adapter's dtype (fp32)."""
+        a, b = self.expanded()
+        return (b @ a) * self.scaling
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        a, b = self.expanded()
+        update = self.dropout(x.to(a.dtype)) @ a.T @ b.T
+        return result + (update * self.scaling).to(result.dtype)
+
+    def _full_precision_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if not isinstance(self.base_layer, nn.Linear) or weight.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError("merge needs a full-precision base layer; dequantize the base first")
+        return weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add dW into the base weight, so forward costs exactly the base's."""
+        if not self.merged:
+            weight = self._full_precision_weight()
+            weight += self.delta_weight().to(weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self._full_precision_weight()
+            weight -= self.delta_weight().to(weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, u={self.u}, "
+                f"m={self.m}, n={self.n}, alpha={self.alpha}, broadcast={self.broadcast}, "
+                f"rotation={self.rotation}, init={self.init}")

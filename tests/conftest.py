@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random LLaMA models built from a config, so no test downloads anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    # Odd sizes on purpose: hidden not divisible by the sharing ratios, GQA (k/v narrower than q).
+    kwargs = dict(vocab_size=96, hidden_size=40, intermediate_size=70, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Run the real `prolora` entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "prolora_cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
