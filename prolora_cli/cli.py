@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -89,10 +90,74 @@ def count_params_cmd(
               f"LoRA at rank {cfg.r} would need {result['lora_params_same_rank']:,} params")
 
 
+MODEL = typer.Option(None, "--model", help="llama2-7b/13b/70b, a hub id, a local folder or a .gguf file. "
+                     "Default: the embedded SmolLM2-135M-Instruct.")
+
+
 @app.command()
-def train():
+def train(
+    data: Path = typer.Option(..., "--data", help="Chat JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"}."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out chat JSONL for eval loss."),
+    output: Path = typer.Option(Path("runs/prolora"), "--output", "-o", help="Run folder: adapter, log, plot, checkpoints."),
+    model: Optional[str] = MODEL,
+    quant: str = typer.Option("nf4", "--quant", help="'nf4' (4-bit QLoRA base) or 'none' (full precision)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
+    rank: int = RANK, unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE,
+    share_b: Optional[int] = SHARE_B, targets: str = TARGETS, broadcast: str = BROADCAST,
+    rotation: str = ROTATION, init: str = INIT,
+    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha; scaling = alpha / rank."),
+    dropout: float = typer.Option(0.1, "--dropout", help="Dropout on the adapter's input."),
+    chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' (the tokenizer's) or 'auto'."),
+    max_seq_len: int = typer.Option(512, "--max-seq-len", help="Truncate examples to this many tokens."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed lines instead of stopping."),
+    lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
+    lr_shared: Optional[float] = typer.Option(None, "--lr-shared", help="Learning rate of the shared chunks (default: --lr)."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Linear warm-up, as a fraction of the steps."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    max_grad_norm: float = typer.Option(0.3, "--max-grad-norm"),
+    optim: str = typer.Option("paged_adamw_32bit", "--optim", help="'paged_adamw_32bit' (bitsandbytes) or 'adamw' (torch)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per device per micro-batch."),
+    grad_accum: int = typer.Option(4, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    seed: int = typer.Option(42, "--seed"),
+    group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Eval every N steps (0: at start and end only)."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: never)."),
+    save_total_limit: int = typer.Option(2, "--save-total-limit", help="Checkpoints to keep."),
+    log_every: int = typer.Option(1, "--log-every", help="Log every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --output."),
+    device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
+):
     """Fine-tune a model with PRoLoRA (QLoRA on a 4-bit NF4 base) on chat JSONL."""
-    _not_yet("train")
+    from prolora_cli.config import AdapterConfig
+    from prolora_cli.console import TrainReporter
+    from prolora_cli.training import Interrupted, TrainArgs
+    from prolora_cli.training import train as run_training
+
+    adapter = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast,
+                                   rotation=rotation, init=init, alpha=alpha, dropout=dropout)
+    args = TrainArgs(
+        data=data, output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
+        trust_remote_code=trust_remote_code, chat_format=chat_format, max_seq_len=max_seq_len,
+        skip_bad_lines=skip_bad_lines, lr=lr, lr_shared=lr_shared, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, batch_size=batch_size,
+        grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, seed=seed,
+        group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing,
+        eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
+        log_every=log_every, resume=resume, overwrite=overwrite, device=device)
+    reporter = TrainReporter(out)
+    try:
+        run_training(args, reporter)
+    except Interrupted as e:
+        reporter.stop()
+        err.print(f"interrupted: checkpoint saved in {e.checkpoint}; continue with the same command "
+                  f"and --resume", highlight=False)
+        raise typer.Exit(130)
+    finally:
+        reporter.stop()
 
 
 @app.command()

@@ -1,0 +1,185 @@
+"""Chat JSONL: strict reading, rendering (Tulu or the tokenizer's template) and assistant-only labels.
+
+Labels come from character spans: the rendered text is tokenized once with offsets, and a token is
+trained on when it overlaps an assistant span (its content and end-of-turn token). That stays right
+for any fast tokenizer, whatever it merges across turn boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prolora_cli.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+CHAT_FORMATS = ("auto", "tulu", "template")
+IGNORE = -100  # the label value transformers' loss skips
+
+
+class BadRecord(ValueError):
+    """One line's problem; the reader adds the file and line number."""
+
+
+def normalize(obj) -> dict:
+    """A JSON value -> {"messages": [...], plus kept extras}, or BadRecord naming the problem."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise BadRecord("\"messages\" must be a non-empty list")
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise BadRecord(f"message {i} is not an object")
+            if "role" not in msg:
+                raise BadRecord(f"message {i} has no \"role\"")
+            if msg["role"] not in ROLES:
+                raise BadRecord(f"message {i} has unknown role {msg['role']!r} (use {', '.join(ROLES)})")
+            if not isinstance(msg.get("content"), str):
+                raise BadRecord(f"message {i} content must be a string")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif "prompt" in obj or "completion" in obj:
+        if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
+            raise BadRecord("\"prompt\" and \"completion\" must both be strings")
+        messages = [{"role": "user", "content": obj["prompt"]},
+                    {"role": "assistant", "content": obj["completion"]}]
+    else:
+        raise BadRecord("needs \"messages\", or \"prompt\" and \"completion\"")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant message")
+    record = {"messages": messages}
+    for key in ("answers", "choices"):  # used by eval
+        if key in obj:
+            value = obj[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise BadRecord(f"\"{key}\" must be a list of strings")
+            record[key] = value
+    if "task" in obj:
+        record["task"] = str(obj["task"])
+    return record
+
+
+def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
+    """Every record of a chat JSONL file, each with its line number; and how many lines were skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    records, skipped = [], 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
+                record = normalize(obj)
+            except (UnicodeDecodeError, BadRecord) as e:
+                problem = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+                if not skip_bad_lines:
+                    raise UserError(f"{path}, line {lineno}: {problem} "
+                                    f"(fix it, or pass --skip-bad-lines to skip such lines)") from None
+                skipped += 1
+                continue
+            record["line"] = lineno
+            records.append(record)
+    if not records:
+        raise UserError(f"{path}: no examples" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return records, skipped
+
+
+def resolve_chat_format(tokenizer, chat_format: str) -> str:
+    if chat_format not in CHAT_FORMATS:
+        raise UserError(f"--chat-format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+    if chat_format == "auto":
+        return "template" if getattr(tokenizer, "chat_template", None) else "tulu"
+    if chat_format == "template" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("this tokenizer has no chat template; use --chat-format tulu")
+    return chat_format
+
+
+def _tulu(messages, eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """open-instruct's format: <|role|>\\n{content}\\n, assistant turns end with eos."""
+    text, spans = "", []
+    for m in messages:
+        text += f"<|{m['role']}|>\n"
+        if m["role"] == "assistant":
+            start = len(text)
+            text += m["content"] + eos
+            spans.append((start, len(text)))
+            text += "\n"
+        else:
+            text += m["content"] + "\n"
+    # Stripping the whole string, as the paper's code does, only ever trims the final newline.
+    return text.strip(), spans
+
+
+def _template(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The tokenizer's own chat template; assistant spans found by rendering growing prefixes."""
+    def render(msgs, prompt=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    full, spans = render(messages), []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise BadRecord("the tokenizer's chat template is not prefix-stable here; "
+                            "use --chat-format tulu")
+        spans.append((len(before), len(upto.rstrip())))  # content + end-of-turn token
+    return full, spans
+
+
+def render(messages, tokenizer, chat_format: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as one string, and the character spans the loss is taken on."""
+    if chat_format == "tulu":
+        return _tulu(messages, tokenizer.eos_token or "")
+    return _template(messages, tokenizer)
+
+
+def render_prompt(messages, tokenizer, chat_format: str) -> str:
+    """The conversation so far, ending where the assistant's reply begins (for generation)."""
+    if chat_format == "tulu":
+        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(messages, tokenizer, chat_format: str, max_seq_len: int) -> dict:
+    """input_ids and labels (IGNORE outside assistant spans), truncated to max_seq_len."""
+    text, spans = render(messages, tokenizer, chat_format)
+    # Tulu text is plain, so the tokenizer adds its BOS; a template writes its own special tokens.
+    enc = tokenizer(text, add_special_tokens=chat_format == "tulu", return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+        trained = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+        labels.append(tok if trained else IGNORE)
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_len: int,
+                     source: str = "data"):
+    """A datasets.Dataset of input_ids/labels; examples left with no trained token are dropped.
+
+    Returns (dataset, dropped_count).
+    """
+    from datasets import Dataset
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("prolora needs a fast (Rust) tokenizer to place labels exactly")
+
+    def one(record):
+        try:
+            return encode(record["messages"], tokenizer, chat_format, max_seq_len)
+        except BadRecord as e:
+            raise UserError(f"{source}, line {record['line']}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, ValueError)
+            raise UserError(f"{source}, line {record['line']}: cannot render: {e}") from None
+
+    ds = Dataset.from_list([{"messages": r["messages"], "line": r["line"]} for r in records])
+    ds = ds.map(one, remove_columns=["messages"], desc=None)
+    kept = ds.filter(lambda ex: any(label != IGNORE for label in ex["labels"]))
+    return kept, len(ds) - len(kept)

@@ -1,0 +1,80 @@
+"""Rich output for long-running commands: the training progress bar and its summary."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class TrainReporter:
+    """Receives training events; shows a progress bar with loss, lr, tokens/s and ETA."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = None
+        self.task = None
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def start(self, total: int, done: int, info: dict, enabled: bool = True) -> None:
+        if not enabled:
+            return
+        evals = f" (+{info['eval_examples']:,} eval)" if info["eval_examples"] else ""
+        self.console.print(
+            f"[bold]training[/] {info['model']} on {info['device']}: {info['examples']:,} examples{evals}, "
+            f"{info['trainable']:,} trainable of {info['total_params']:,} params, "
+            f"{info['steps']} steps of {info['batch']} sequences, chat format {info['chat_format']}",
+            highlight=False)
+        self.progress = Progress(
+            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, metrics="")
+
+    def step(self, step: int, record: dict | None) -> None:
+        if self.progress is None:
+            return
+        fields = {}
+        if record:
+            parts = []
+            if "loss" in record:
+                parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                             f"{record['tokens_per_s']:,.0f} tok/s")
+            if "eval_loss" in record:
+                parts.append(f"eval {record['eval_loss']:.4f}")
+            fields["metrics"] = "  ".join(parts)
+        self.progress.update(self.task, completed=step, **fields)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def end(self, summary: dict) -> None:
+        self.stop()
+        table = Table(title="training finished", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row("steps", str(summary["steps"]))
+        table.add_row("time", f"{summary['time_s']:.1f} s")
+        table.add_row("tokens", f"{summary['tokens']:,}")
+        table.add_row("final train loss", fmt(summary["train_loss"]))
+        if summary["eval_loss"] is not None:
+            table.add_row("eval loss (start -> end)",
+                          f"{fmt(summary['eval_loss_start'])} -> {fmt(summary['eval_loss'])}")
+        table.add_row("trainable params", f"{summary['trainable_params']:,}")
+        table.add_row("adapter on disk", human_bytes(summary["adapter_bytes"]))
+        table.add_row("output", summary["output"])
+        self.console.print(table)

@@ -1,0 +1,479 @@
+"""The training run: QLoRA + PRoLoRA on chat data, driven by accelerate.
+
+A plain loop rather than transformers' Trainer: Trainer refuses 4-bit models whose adapters are not
+PEFT's. accelerate still brings devices, mixed precision, gradient accumulation, DDP/FSDP through
+`accelerate launch`, and checkpoint state; transformers brings the schedule and length grouping.
+
+Resume is exact: a checkpoint holds the adapter, optimizer, scheduler and every RNG state, and the
+data order of each epoch is a pure function of (seed, epoch), so the resumed run skips the batches
+already seen and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from prolora_cli.config import AdapterConfig
+from prolora_cli.errors import UserError
+from prolora_cli.fileio import write_text_atomic
+
+OPTIMIZERS = ("paged_adamw_32bit", "adamw")
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+LOG_NAME = "train_log.jsonl"
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass
+class TrainArgs:
+    data: Path
+    output: Path
+    adapter: AdapterConfig
+    eval_data: Optional[Path] = None
+    model: Optional[str] = None
+    quant: str = "nf4"
+    trust_remote_code: bool = False
+    chat_format: str = "auto"
+    max_seq_len: int = 512
+    skip_bad_lines: bool = False
+    lr: float = 2e-4
+    lr_shared: Optional[float] = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optim: str = "paged_adamw_32bit"
+    batch_size: int = 4
+    grad_accum: int = 4
+    max_steps: Optional[int] = None
+    epochs: float = 1.0
+    seed: int = 42
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    save_total_limit: int = 2
+    log_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    device: Optional[str] = None  # mainly for tests; accelerate picks otherwise
+
+    def check(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("--max-steps must be >= 1")
+        if self.epochs <= 0:
+            raise UserError("--epochs must be > 0")
+        if self.lr <= 0 or (self.lr_shared is not None and self.lr_shared <= 0):
+            raise UserError("learning rates must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError("--warmup-ratio must be in [0, 1)")
+        if self.optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    last_loss: Optional[float] = None
+    last_eval_loss: Optional[float] = None
+    history: list = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+
+
+def is_finished(output: Path) -> bool:
+    return (output / "adapter_config.json").is_file() and (output / LOG_NAME).is_file()
+
+
+def latest_checkpoint(output: Path) -> Optional[Path]:
+    """The newest complete checkpoint. Incomplete ones never get their final name (see _save)."""
+    folder = output / CHECKPOINTS
+    done = sorted(p for p in folder.glob("step-*") if (p / STATE_NAME).is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def prepare_output(args: TrainArgs) -> Optional[Path]:
+    """Check the output folder against --resume/--overwrite; return the checkpoint to resume from."""
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder")
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}")
+        return ckpt
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            what = "a finished run" if is_finished(out) else "files (an unfinished run? use --resume)"
+            raise UserError(f"--output {out} already holds {what}; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class EpochLengthSampler:
+    """Length-grouped order whose shuffle depends only on (seed, epoch), so a resume can replay it."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length, self.epoch = group_by_length, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.group_by_length:
+            return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
+        return iter(torch.randperm(len(self.lengths), generator=g).tolist())
+
+
+def collate(pad_id: int):
+    import torch
+
+    from prolora_cli.chat_data import IGNORE
+
+    def fn(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):  # right padding: positions stay 0..len-1
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return fn
+
+
+def tokenize_split(path: Path, records: list[dict], tokenizer, args: TrainArgs, fmt: str,
+                   say: Callable[[str], None]):
+    from prolora_cli.chat_data import tokenize_records
+
+    ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path))
+    if dropped:
+        say(f"{path}: dropped {dropped} example(s) with no assistant token within {args.max_seq_len} tokens")
+    if len(ds) == 0:
+        raise UserError(f"{path}: no example keeps an assistant token within --max-seq-len {args.max_seq_len}")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def build_optimizer(model, args: TrainArgs, device_type: str):
+    import torch
+
+    shared, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (shared if name.endswith(("A_shared", "B_shared")) else rest).append(p)
+    lr_shared = args.lr_shared if args.lr_shared is not None else args.lr
+    groups = [{"params": rest, "lr": args.lr}, {"params": shared, "lr": lr_shared}]
+    groups = [g for g in groups if g["params"]]
+    if args.optim == "paged_adamw_32bit":
+        # bitsandbytes pages optimizer state to host memory under GPU memory pressure; on CPU
+        # there is nothing to page, and its 32-bit AdamW runs as a plain AdamW.
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(groups, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def mean_eval_loss(model, loader, accelerator) -> float:
+    """Token-weighted mean cross-entropy over assistant tokens."""
+    import torch
+
+    from prolora_cli.chat_data import IGNORE
+
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            n = (batch["labels"][:, 1:] != IGNORE).sum()
+            loss = model(**batch).loss
+            total += torch.stack([loss.double() * n, n.double()])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(args: TrainArgs, report) -> dict:
+    """Run (or resume) training. `report` receives progress events (see console.TrainReporter)."""
+    from prolora_cli.models import load_model, quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from prolora_cli.adapter_files import read_config, save_adapter
+    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
+    from prolora_cli.inject import adapter_state, count_trainable, inject, load_state
+
+    args.check()
+    resume_from = prepare_output(args)
+    if resume_from is not None:
+        # The adapter settings of a resumed run are the run's own, not this command line's.
+        args = replace(args, adapter=read_config(resume_from))
+    # Read (and so validate) the data before spending time on the model.
+    train_records, skipped = read_jsonl(args.data, args.skip_bad_lines)
+    eval_records, eval_skipped = read_jsonl(args.eval_data, args.skip_bad_lines) if args.eval_data else ([], 0)
+
+    use_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    bf16 = not use_cpu and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=use_cpu,
+                              mixed_precision="bf16" if bf16 else "no")
+    set_seed(args.seed)
+    say = report.message if accelerator.is_main_process else (lambda _msg: None)
+    for path, count in ((args.data, skipped), (args.eval_data, eval_skipped)):
+        if count:
+            say(f"{path}: skipped {count} bad line(s)")
+
+    model, tokenizer, model_id = load_model(args.model, args.quant, device=accelerator.device,
+                                            trust_remote_code=args.trust_remote_code)
+    fmt = resolve_chat_format(tokenizer, args.chat_format)
+    train_ds = tokenize_split(args.data, train_records, tokenizer, args, fmt, say)
+    eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
+
+    cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
+    inject(model, cfg)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total_params = count_trainable(model)
+
+    sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], args.batch_size,
+                                 args.seed, args.group_by_length)
+    pad = tokenizer.pad_token_id
+    # A dedicated generator: DataLoader draws a base seed per epoch, which must not touch the
+    # global RNG (dropout) or a resumed run would drift.
+    loader = DataLoader(train_ds.with_format(None, columns=["input_ids", "labels"]),
+                        batch_size=args.batch_size, sampler=sampler, collate_fn=collate(pad),
+                        generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = None if eval_ds is None else DataLoader(
+        eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=args.batch_size,
+        collate_fn=collate(pad))
+
+    per_epoch = math.ceil(len(loader) / args.grad_accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+    optimizer = build_optimizer(model, args, accelerator.device.type)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps),
+                                                total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    # Stepped by hand once per optimizer step; registered so checkpoints hold it.
+    accelerator.register_for_checkpointing(scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    def save_hook(models, weights, output_dir):
+        from safetensors.torch import save_file
+
+        weights.clear()  # the frozen base is not checkpointed, only the adapter
+        state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(raw_model).items()}
+        save_file(state, os.path.join(output_dir, "adapter.safetensors"))
+
+    def load_hook(models, input_dir):
+        from prolora_cli.adapter_files import read_tensors
+
+        models.clear()
+        load_state(raw_model, read_tensors(input_dir))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    progress = Progress()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
+        say(f"resuming from {resume_from.name} (step {progress.step} of {total_steps})")
+    elif accelerator.is_main_process:
+        args.output.mkdir(parents=True, exist_ok=True)
+        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                      if k != "adapter"}
+        write_text_atomic(args.output / RUN_CONFIG, json.dumps(
+            {**run_config, "adapter": cfg.to_dict(), "chat_format_used": fmt}, indent=2) + "\n")
+
+    log_path = args.output / LOG_NAME
+    if accelerator.is_main_process:
+        # On resume, forget what the interrupted run logged after its checkpoint.
+        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in progress.history))
+
+    def save_checkpoint() -> Path:
+        final = args.output / CHECKPOINTS / f"step-{progress.step:07d}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_NAME).write_text(json.dumps(vars(progress)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # only complete checkpoints ever carry a step-N name
+            kept = sorted(p for p in final.parent.glob("step-*"))
+            for old in kept[: -args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    # Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary and stops.
+    stop = {"asked": False}
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    report.start(total_steps, progress.step, dict(
+        model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
+        trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
+        steps=total_steps, batch=args.batch_size * args.grad_accum * accelerator.num_processes),
+        enabled=accelerator.is_main_process)
+    if eval_loader is not None and progress.step == 0:  # where the curve starts
+        progress.last_eval_loss = mean_eval_loss(model, eval_loader, accelerator)
+        progress.history.append(dict(step=0, epoch=0, eval_loss=progress.last_eval_loss))
+        if accelerator.is_main_process:
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(progress.history[-1]) + "\n")
+    model.train()
+    started = time.perf_counter() - progress.elapsed
+    window_tokens, window_start, window_loss, window_batches = 0, time.perf_counter(), 0.0, 0
+    try:
+        while progress.step < total_steps:
+            sampler.set_epoch(progress.epoch)
+            batches = (accelerator.skip_first_batches(loader, progress.batch_in_epoch)
+                       if progress.batch_in_epoch else loader)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                progress.batch_in_epoch += 1
+                n_tokens = int(batch["attention_mask"].sum())
+                progress.tokens += n_tokens
+                window_tokens += n_tokens
+                window_loss += loss.detach().float().item()
+                window_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress.step += 1
+                now = time.perf_counter()
+                progress.elapsed = now - started
+                record = None
+                if progress.step % args.log_every == 0 or progress.step == total_steps:
+                    progress.last_loss = window_loss / window_batches
+                    record = dict(step=progress.step, epoch=progress.epoch, loss=progress.last_loss,
+                                  lr=scheduler.get_last_lr()[0],
+                                  tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                                  elapsed_s=progress.elapsed)
+                    window_tokens, window_start, window_loss, window_batches = 0, now, 0.0, 0
+                want_eval = eval_loader is not None and (
+                    progress.step == total_steps or (args.eval_every and progress.step % args.eval_every == 0))
+                if want_eval:
+                    progress.last_eval_loss = mean_eval_loss(model, eval_loader, accelerator)
+                    record = {**(record or dict(step=progress.step, epoch=progress.epoch)),
+                              "eval_loss": progress.last_eval_loss}
+                if record is not None and accelerator.is_main_process:
+                    progress.history.append(record)
+                    with log_path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                report.step(progress.step, record)
+                if stop["asked"]:
+                    raise Interrupted(save_checkpoint())
+                if args.save_every and progress.step % args.save_every == 0 and progress.step < total_steps:
+                    save_checkpoint()
+                if progress.step >= total_steps:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    if accelerator.is_main_process:
+        save_adapter(args.output, cfg, raw_model)
+        plot_losses(progress.history, args.output / "loss.png")
+    accelerator.wait_for_everyone()
+    first_eval = next((r["eval_loss"] for r in progress.history if "eval_loss" in r), None)
+    summary = dict(steps=progress.step, time_s=progress.elapsed, train_loss=progress.last_loss,
+                   eval_loss=progress.last_eval_loss, eval_loss_start=first_eval, trainable_params=trainable,
+                   adapter_bytes=(args.output / "adapter.safetensors").stat().st_size,
+                   output=str(args.output), tokens=progress.tokens)
+    report.end(summary)
+    return summary
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and eval loss against step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prolora_cli.fileio import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
