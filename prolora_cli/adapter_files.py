@@ -14,14 +14,19 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 
 def save_adapter(folder: str | Path, cfg: AdapterConfig, model) -> Path:
-    """Write the adapter of `model` into `folder`; each file lands whole or not at all."""
-    from safetensors.torch import save_file
-
+    """Write the adapter of `model` into `folder`."""
     from prolora_cli.inject import adapter_state
+
+    return save_adapter_tensors(folder, cfg, adapter_state(model))
+
+
+def save_adapter_tensors(folder: str | Path, cfg: AdapterConfig, state: dict) -> Path:
+    """Write config and tensors; each file lands whole or not at all."""
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # Weights first, config last: a folder with a config always has its weights.
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "prolora"})

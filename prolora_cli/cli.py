@@ -160,10 +160,70 @@ def train(
         reporter.stop()
 
 
+ADAPTER = typer.Option(..., "--adapter", "-a", help="Adapter folder (adapter_config.json + adapter.safetensors).")
+
+
 @app.command()
-def merge():
+def merge(
+    adapter: Path = ADAPTER,
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged transformers model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one the adapter records)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights of the merged model: fp32, bf16 or fp16."),
+    base: str = typer.Option("full", "--base", help="'full': merge into the original weights; 'nf4': into their "
+                             "NF4 round trip, the weights a QLoRA adapter was trained against."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max |logit difference| the check allows, "
+                                              "relative to the largest logit (default: 1e-4 fp32, 1e-2 fp16, 6e-2 bf16)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
     """Merge an adapter's dW into its base model and write a plain transformers model."""
-    _not_yet("merge")
+    from prolora_cli.merging import VerificationFailed, merge_adapter
+
+    try:
+        result = merge_adapter(adapter, output, model, dtype, base, overwrite, tolerance,
+                               say=lambda msg: None if as_json else out.print(msg, highlight=False))
+    except VerificationFailed as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"merged {result['modules_merged']} modules into {result['output']} ({dtype}, {base} base); "
+              f"check: max |logit difference| {result['max_abs_logit_diff']:.3g}, "
+              f"{result['relative_diff']:.2g} of the largest logit (tolerance {result['tolerance']:g})",
+              highlight=False)
+
+
+@app.command()
+def export(
+    adapter: Path = ADAPTER,
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the exported adapter."),
+    format: str = typer.Option("peft", "--format", help="Only 'peft' (a standard LoRA adapter) for now."),
+    scale_into_b: bool = typer.Option(False, "--scale-into-b", help="Fold alpha/r into B (lora_alpha = r)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+):
+    """Export an adapter as a plain PEFT LoRA adapter (exact: A and B are expanded)."""
+    from prolora_cli.peft_format import export_peft
+
+    if format != "peft":
+        raise UserError(f"--format must be 'peft', got {format!r}")
+    result = export_peft(adapter, output, scale_into_b, overwrite)
+    out.print(f"wrote a PEFT LoRA adapter (r={result['r']}, lora_alpha={result['lora_alpha']:g}, "
+              f"{result['modules']} modules) to {result['output']}", highlight=False)
+
+
+@app.command("import")
+def import_cmd(
+    peft: Path = typer.Option(..., "--peft", help="A PEFT LoRA adapter folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the prolora adapter."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+):
+    """Import a PEFT LoRA adapter as a prolora adapter with u = r (the same dW)."""
+    from prolora_cli.peft_format import import_peft
+
+    result = import_peft(peft, output, overwrite)
+    out.print(f"imported {result['modules']} modules (r={result['r']}, alpha={result['alpha']:g}) "
+              f"into {result['output']}", highlight=False)
 
 
 @app.command("eval")
@@ -173,9 +233,47 @@ def eval_cmd():
 
 
 @app.command()
-def inspect():
-    """Show what an adapter holds: settings, sizes, per-layer norms and ranks."""
-    _not_yet("inspect")
+def inspect(
+    adapter: Path = typer.Argument(..., help="Adapter folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: dW heatmap and singular values."),
+    module: Optional[str] = typer.Option(None, "--module", help="Module for --plot (path or suffix, "
+                                         "e.g. layers.3.self_attn.q_proj). Default: the first."),
+):
+    """Show what an adapter holds: settings, size against LoRA, per-module norm and rank of dW."""
+    from prolora_cli.console import human_bytes
+    from prolora_cli.inspection import inspect_adapter, plot_module
+
+    info = inspect_adapter(adapter)
+    drawn = plot_module(adapter, module, plot) if plot else None
+    if as_json:
+        out.print_json(json.dumps({**info, "plot": str(plot) if plot else None, "plot_module": drawn}))
+        return
+    c = info["config"]
+    out.print(f"[bold]{adapter}[/]: {c['method']} adapter, format {c['format_version']}, base {c['base_model'] or '?'}",
+              highlight=False)
+    out.print(f"r={c['r']} u={c['u']} m={c['m']} n={c['n']} alpha={c['alpha']:g} dropout={c['dropout']:g} "
+              f"broadcast={c['broadcast']} rotation={c['rotation']} init={c['init']}", highlight=False)
+    out.print(f"trainable params {info['trainable_params']:,} ({human_bytes(info['bytes_on_disk'])} on disk); "
+              f"LoRA at rank {c['r']}: {info['lora_params_same_rank']:,} "
+              f"({human_bytes(info['lora_bytes_fp32_same_rank'])} in fp32), "
+              f"{info['savings_vs_lora']:.2f}x more", highlight=False)
+    table = Table(title="per module type")
+    for col in ("type", "modules", "in x out", "A_shared", "A_unshared", "B_shared", "B_unshared", "params"):
+        table.add_column(col, justify="right")
+    for t in info["per_type"]:
+        shapes = ["x".join(map(str, t["shapes"][k])) for k in ("A_shared", "A_unshared", "B_shared", "B_unshared")]
+        table.add_row(t["type"], str(t["modules"]), f"{t['in_features']} x {t['out_features']}", *shapes,
+                      f"{t['params']:,}")
+    out.print(table)
+    table = Table(title="per module: dW = scaling * B @ A")
+    for col in ("module", "||dW||_F", "rank", "effective rank"):
+        table.add_column(col, justify="right")
+    for m in info["per_module"]:
+        table.add_row(m["module"], f"{m['dw_norm']:.4g}", str(m["rank"]), f"{m['effective_rank']:.2f}")
+    out.print(table)
+    if drawn:
+        out.print(f"plot of {drawn} written to {plot}", highlight=False)
 
 
 def _version(value: bool) -> None:
