@@ -227,9 +227,72 @@ def import_cmd(
 
 
 @app.command("eval")
-def eval_cmd():
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Chat JSONL; optional \"answers\", \"choices\", \"task\" keys."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base or merged model (default: the first adapter's "
+                                        "base, else the embedded SmolLM2)."),
+    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter folder; repeat to compare several."),
+    with_base: bool = typer.Option(False, "--with-base", help="Also evaluate the base without adapters."),
+    metrics: str = typer.Option("loss,exact-match,choice", "--metrics", help="Any of loss, exact-match, choice."),
+    quant: str = typer.Option("nf4", "--quant", help="Base weights: 'nf4' (as trained) or 'none'."),
+    chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' or 'auto'."),
+    max_seq_len: int = typer.Option(512, "--max-seq-len"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation length for exact-match."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a reproducible sample of N examples."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    by_task: bool = typer.Option(False, "--by-task", help="Break results down by the \"task\" field."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="JSONL of every prediction."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
+):
     """Evaluate a base model, adapters or a merged model on chat JSONL."""
-    _not_yet("eval")
+    from prolora_cli.console import EvalProgress, human_bytes
+    from prolora_cli.evaluation import EvalArgs, run_eval
+    from prolora_cli.fileio import write_text_atomic
+
+    args = EvalArgs(data=data, model=model, adapters=list(adapter), with_base=with_base,
+                    metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), quant=quant,
+                    chat_format=chat_format, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, limit=limit, seed=seed, by_task=by_task,
+                    skip_bad_lines=skip_bad_lines, device=device)
+    with EvalProgress(err, enabled=not as_json) as progress:
+        report = run_eval(args, progress)
+    predictions = report.pop("predictions")
+    if save_predictions:
+        write_text_atomic(save_predictions, "".join(
+            json.dumps({"model": name, **row}) + "\n" for name, rows in predictions for row in rows))
+    if output:
+        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    table = Table(title=f"{report['model']} on {report['data']} ({report['examples']} examples)")
+    columns = [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
+               ("bytes", "bytes", lambda v: human_bytes(v) if v else "-"),
+               ("loss", "loss", lambda v: f"{v:.4f}"), ("ppl", "perplexity", lambda v: f"{v:.2f}"),
+               ("exact match", "exact_match", lambda v: f"{100 * v:.1f}%"), ("F1", "f1", lambda v: f"{100 * v:.1f}%"),
+               ("choice acc", "choice_accuracy", lambda v: f"{100 * v:.1f}%")]
+    shown = [c for c in columns if any(r.get(c[1]) is not None for r in report["results"])]
+    for title, *_ in shown:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for r in report["results"]:
+        table.add_row(*[fmt(r[key]) if r.get(key) is not None else "-" for _, key, fmt in shown])
+    out.print(table)
+    if by_task:
+        for r in report["results"]:
+            t = Table(title=f"{r['name']} by task")
+            keys = [k for k in ("examples", "loss", "exact_match", "f1", "choice_accuracy")
+                    if any(k in v for v in r["by_task"].values())]
+            t.add_column("task")
+            for k in keys:
+                t.add_column(k, justify="right")
+            for task, v in r["by_task"].items():
+                t.add_row(task, *[("-" if k not in v else str(v[k]) if k == "examples" else f"{v[k]:.4f}")
+                                  for k in keys])
+            out.print(t)
 
 
 @app.command()

@@ -78,3 +78,22 @@ class TrainReporter:
         table.add_row("adapter on disk", human_bytes(summary["adapter_bytes"]))
         table.add_row("output", summary["output"])
         self.console.print(table)
+
+
+class EvalProgress:
+    """One progress bar per evaluated model; use as a context manager."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self.progress = Progress(TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(),
+                                 TimeRemainingColumn(), console=console, disable=not enabled)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, label: str, total: int):
+        task = self.progress.add_task(label, total=total)
+        return lambda n: self.progress.advance(task, n)

@@ -33,6 +33,13 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, PRoLoRALinear]:
     return layers
 
 
+def remove_adapters(model: nn.Module) -> None:
+    """Put the plain base layers back (undoing inject), e.g. to evaluate the next adapter."""
+    for name, layer in adapter_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, layer.base_layer)
+
+
 def adapter_layers(model: nn.Module) -> dict[str, PRoLoRALinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, PRoLoRALinear)}
 

@@ -1,0 +1,260 @@
+"""Evaluate a base model, adapters on it, or a merged model on chat JSONL.
+
+Metrics:
+- loss: token-weighted cross-entropy over assistant tokens (the masking of training), and perplexity.
+- exact-match / f1: greedy generation of the last assistant turn from the conversation before it,
+  compared after normalising case and whitespace with `answers` (or the reference reply).
+- choice: for examples with `choices`, the option whose reply has the highest mean log-likelihood per
+  token; accuracy against `answers[0]` (or the reference reply).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from prolora_cli.errors import UserError
+
+METRICS = ("loss", "exact-match", "choice")
+
+
+@dataclass
+class EvalArgs:
+    data: Path
+    model: Optional[str] = None
+    adapters: list[Path] = field(default_factory=list)
+    with_base: bool = False
+    metrics: tuple[str, ...] = METRICS
+    quant: str = "nf4"
+    chat_format: str = "auto"
+    max_seq_len: int = 512
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    limit: Optional[int] = None
+    seed: int = 0
+    by_task: bool = False
+    skip_bad_lines: bool = False
+    device: Optional[str] = None
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref:
+        return float(pred == ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def split_last_turn(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the conversation before the last assistant turn, that turn's text)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def references(record: dict) -> list[str]:
+    return record.get("answers") or [split_last_turn(record["messages"])[1]]
+
+
+def select(records: list[dict], limit: Optional[int], seed: int) -> list[dict]:
+    """A reproducible subsample, kept in file order."""
+    if limit is None or limit >= len(records):
+        return records
+    if limit < 1:
+        raise UserError("--limit must be >= 1")
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def token_losses(model, encoded: list[dict], pad_id: int, batch_size: int, advance: Callable[[int], None]):
+    """Per example: (sum of cross-entropy over trained tokens, number of trained tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    from prolora_cli.chat_data import IGNORE
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = _pad([e["input_ids"] for e in chunk], pad_id, left=False)
+        labels, _ = _pad([e["labels"] for e in chunk], IGNORE, left=False)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        target = labels[:, 1:].to(device)
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp_min(0), reduction="none")
+        trained = target != IGNORE
+        for row in range(len(chunk)):
+            out.append(((ce[row] * trained[row]).sum().item(), int(trained[row].sum())))
+        advance(len(chunk))
+    return out
+
+
+def generate(model, tokenizer, prompts: list[str], add_special: bool, max_new_tokens: int, batch_size: int,
+             advance: Callable[[int], None]) -> list[str]:
+    """Greedy continuations, batched with left padding."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    eos = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
+                                      if t in tokenizer.get_vocab()}
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        seqs = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in chunk]
+        ids, mask = _pad(seqs, pad, left=True)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=sorted(e for e in eos if e is not None), use_cache=True)
+        for row in gen[:, ids.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            results.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        advance(len(chunk))
+    return results
+
+
+def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalArgs,
+                   advance: Callable[[int], None]) -> tuple[dict, list[dict]]:
+    """Every requested metric on one model; returns (summary, per-example rows)."""
+    from prolora_cli.chat_data import BadRecord, encode, render_prompt
+
+    model.eval()
+    rows = [{"line": r["line"], "task": r.get("task"), "references": references(r)} for r in records]
+
+    def enc(messages, record):
+        try:
+            return encode(messages, tokenizer, fmt, args.max_seq_len)
+        except BadRecord as e:
+            raise UserError(f"{args.data}, line {record['line']}: {e}") from None
+
+    summary: dict = {}
+    if "loss" in args.metrics:
+        losses = token_losses(model, [enc(r["messages"], r) for r in records], tokenizer.pad_token_id,
+                              args.batch_size, advance)
+        for row, (ce, n) in zip(rows, losses):
+            row.update(loss_sum=ce, tokens=n)
+        total, count = sum(ce for ce, _ in losses), sum(n for _, n in losses)
+        summary["loss"] = total / count if count else float("nan")
+        summary["perplexity"] = math.exp(summary["loss"]) if count else float("nan")
+        summary["loss_tokens"] = count
+    if "exact-match" in args.metrics:
+        prompts = [render_prompt(split_last_turn(r["messages"])[0], tokenizer, fmt) for r in records]
+        predictions = generate(model, tokenizer, prompts, fmt == "tulu", args.max_new_tokens,
+                               args.batch_size, advance)
+        for row, pred in zip(rows, predictions):
+            row["prediction"] = pred
+            row["exact_match"] = float(any(normalize(pred) == normalize(a) for a in row["references"]))
+            row["f1"] = max(token_f1(pred, a) for a in row["references"])
+        summary["exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
+        summary["f1"] = sum(r["f1"] for r in rows) / len(rows)
+    if "choice" in args.metrics:
+        with_choices = [(i, r) for i, r in enumerate(records) if r.get("choices")]
+        pairs = [(i, c) for i, r in with_choices for c in r["choices"]]
+        encoded = [enc(split_last_turn(records[i]["messages"])[0] + [{"role": "assistant", "content": c}],
+                       records[i]) for i, c in pairs]
+        scores = token_losses(model, encoded, tokenizer.pad_token_id, args.batch_size, lambda _n: None)
+        best: dict[int, tuple[float, str]] = {}
+        for (i, choice), (ce, n) in zip(pairs, scores):
+            score = -ce / max(n, 1)  # mean log-likelihood per token: long options are not penalised
+            if i not in best or score > best[i][0]:
+                best[i] = (score, choice)
+        for i, _ in with_choices:
+            rows[i]["choice"] = best[i][1]
+            rows[i]["choice_correct"] = float(best[i][1] == rows[i]["references"][0])
+        advance(len(with_choices))
+        graded = [rows[i]["choice_correct"] for i, _ in with_choices]
+        summary["choice_accuracy"] = sum(graded) / len(graded) if graded else None
+        summary["choice_examples"] = len(graded)
+    summary["examples"] = len(records)
+    if args.by_task:
+        summary["by_task"] = by_task(rows)
+    return summary, rows
+
+
+def by_task(rows: list[dict]) -> dict:
+    tasks: dict[str, list[dict]] = {}
+    for row in rows:
+        tasks.setdefault(row["task"] or "(none)", []).append(row)
+    out = {}
+    for task, group in sorted(tasks.items()):
+        s: dict = {"examples": len(group)}
+        tokens = sum(r.get("tokens", 0) for r in group)
+        if tokens:
+            s["loss"] = sum(r["loss_sum"] for r in group) / tokens
+        if any("exact_match" in r for r in group):
+            s["exact_match"] = sum(r["exact_match"] for r in group) / len(group)
+            s["f1"] = sum(r["f1"] for r in group) / len(group)
+        graded = [r["choice_correct"] for r in group if "choice_correct" in r]
+        if graded:
+            s["choice_accuracy"] = sum(graded) / len(graded)
+        out[task] = s
+    return out
+
+
+def run_eval(args: EvalArgs, progress) -> dict:
+    """Evaluate the base (if asked or alone) and every adapter on the same examples.
+
+    `progress(label, total)` returns an `advance(n)` callable for that model's pass.
+    """
+    from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
+    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
+    from prolora_cli.inject import count_trainable, inject, load_state, remove_adapters
+    from prolora_cli.models import load_model
+
+    unknown = set(args.metrics) - set(METRICS)
+    if unknown:
+        raise UserError(f"unknown metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    records, skipped = read_jsonl(args.data, args.skip_bad_lines)
+    records = select(records, args.limit, args.seed)
+    # Read every adapter before loading the model: a bad folder fails in a second.
+    adapters = [(path, read_config(path), read_tensors(path)) for path in args.adapters]
+    model_name = args.model or (adapters[0][1].base_model if adapters else None)
+    model, tokenizer, model_id = load_model(model_name, args.quant, device=args.device)
+    fmt = resolve_chat_format(tokenizer, args.chat_format)
+    per_pass = len(records) * (("loss" in args.metrics) + ("exact-match" in args.metrics)) + \
+        sum(1 for r in records if r.get("choices")) * ("choice" in args.metrics)
+
+    results, predictions = [], []  # predictions: (name, rows), in the order of results
+    if not adapters or args.with_base:
+        summary, rows = evaluate_model(model, tokenizer, records, fmt, args, progress("base", per_pass))
+        results.append({"name": "base", "adapter": None, "trainable_params": 0, "bytes": 0, **summary})
+        predictions.append(("base", rows))
+    for path, cfg, state in adapters:
+        inject(model, cfg)
+        load_state(model, state)
+        trainable, _ = count_trainable(model)
+        summary, rows = evaluate_model(model, tokenizer, records, fmt, args, progress(str(path), per_pass))
+        results.append({"name": str(path), "adapter": str(path), "trainable_params": trainable,
+                        "bytes": (Path(path) / WEIGHTS_NAME).stat().st_size, **summary})
+        predictions.append((str(path), rows))
+        remove_adapters(model)
+    return {"model": model_id, "data": str(args.data), "examples": len(records), "skipped_lines": skipped,
+            "chat_format": fmt, "metrics": list(args.metrics), "results": results, "predictions": predictions}
