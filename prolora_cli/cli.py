@@ -34,10 +34,6 @@ ROTATION = typer.Option("rank", "--rotation", help="Rotate copies along 'rank' (
 INIT = typer.Option("rectified", "--init", help="'rectified' (fan-in of the full layer) or 'vanilla'.")
 
 
-def _not_yet(name: str) -> None:
-    raise UserError(f"`prolora {name}` is not implemented yet")
-
-
 @app.command("count-params")
 def count_params_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Preset (llama2-7b, llama2-13b, llama2-70b, "

@@ -203,7 +203,7 @@ def tokenize_split(path: Path, records: list[dict], tokenizer, args: TrainArgs, 
 # The run
 
 
-def build_optimizer(model, args: TrainArgs, device_type: str):
+def build_optimizer(model, args: TrainArgs):
     import torch
 
     shared, rest = [], []
@@ -300,7 +300,7 @@ def train(args: TrainArgs, report) -> dict:
 
     per_epoch = math.ceil(len(loader) / args.grad_accum)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
-    optimizer = build_optimizer(model, args, accelerator.device.type)
+    optimizer = build_optimizer(model, args)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps),
                                                 total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
