@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run_cli
 from prolora_cli.adapter_files import attach_adapter
@@ -185,3 +186,38 @@ def test_embedded_smollm2_qlora_run(tmp_path):
     assert cfg["base_model"] == "smollm2-135m" and cfg["m"] == 7
     evals = [r["eval_loss"] for r in log_records(out) if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0]
+
+
+def test_nf4_gradients_stay_exact_after_an_eval_pass(tiny_model_dir):
+    """bitsandbytes 0.50 repacks 4-bit weights for CPU inference on the first eval-mode forward and
+    then trains through a bf16 kernel without autograd; load_model must keep that off.
+
+    Reference: a full-precision model holding the very same (dequantized) weights.
+    """
+    import bitsandbytes as bnb
+
+    from prolora_cli.config import AdapterConfig
+    from prolora_cli.inject import adapter_layers, inject
+    from prolora_cli.models import load_model
+
+    quantized, _, _ = load_model(str(tiny_model_dir), "nf4", device="cpu")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            reference.get_submodule(name).weight.data.copy_(weight)
+    ids = torch.randint(3, 300, (2, 16))
+    for model in (quantized, reference):
+        torch.manual_seed(0)
+        inject(model, AdapterConfig.create(8, 1, 3, dropout=0.0))
+        with torch.no_grad():
+            for layer in adapter_layers(model).values():
+                layer.B_unshared.fill_(0.01)
+        model.eval()
+        with torch.no_grad():
+            model(ids)  # the eval pass that used to trigger the repacking
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    ours, theirs = adapter_layers(quantized), adapter_layers(reference)
+    for name in ours:  # A's gradient flows back through every later frozen 4-bit layer
+        torch.testing.assert_close(ours[name].A_unshared.grad, theirs[name].A_unshared.grad, rtol=1e-4, atol=1e-7)
