@@ -29,6 +29,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work is done, to replace an existing --output without --overwrite."""
+    from prolora_cli.errors import UserError
+
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"--output {path} already exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces `path` (only if overwrite is set)."""

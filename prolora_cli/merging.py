@@ -74,7 +74,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     from transformers import AutoModelForCausalLM
 
     from prolora_cli.adapter_files import read_config, read_tensors
-    from prolora_cli.fileio import atomic_dir
+    from prolora_cli.fileio import atomic_dir, check_output_free
     from prolora_cli.inject import adapter_layers, inject, load_state
     from prolora_cli.models import load_model
 
@@ -83,8 +83,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     if base not in BASES:
         raise UserError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
+    check_output_free(output, overwrite)
     cfg, state = read_config(adapter), read_tensors(adapter)
     source = model or cfg.base_model
     if not source:

@@ -54,11 +54,10 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
     from safetensors.torch import save_file
 
     from prolora_cli.adapter_files import read_config, read_tensors
-    from prolora_cli.fileio import atomic_dir
+    from prolora_cli.fileio import atomic_dir, check_output_free
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
+    check_output_free(output, overwrite)
     cfg, state = read_config(adapter), read_tensors(adapter)
     tensors = {}
     for path, layer in standalone_layers(cfg, state).items():
@@ -87,11 +86,10 @@ def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = Fals
     from safetensors.torch import load_file
 
     from prolora_cli.adapter_files import save_adapter_tensors
-    from prolora_cli.fileio import atomic_dir
+    from prolora_cli.fileio import atomic_dir, check_output_free
 
     peft_dir, output = Path(peft_dir), Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
+    check_output_free(output, overwrite)
     config_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{peft_dir} is not a PEFT adapter: it needs {PEFT_CONFIG} and {PEFT_WEIGHTS}")
