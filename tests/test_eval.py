@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run_cli, train_tokenizer
 from prolora_cli.chat_data import IGNORE, encode
-from prolora_cli.evaluation import EvalArgs, evaluate_model, normalize, token_f1
+from prolora_cli.evaluation import EvalArgs, evaluate_model, normalize, option_losses, token_f1, token_losses
 
 QA = [("What is 12 + 30?", "12 + 30 = 42.", ["12 + 30 = 42.", "12 + 30 = 24."]),
       ("Reverse the order of these words: apple river", "river apple", ["apple river", "river apple"]),
@@ -55,6 +55,20 @@ def test_loss_equals_a_hand_computation(tiny_model_dir):
     assert summary["loss"] == pytest.approx(total / count, rel=1e-5)
     assert summary["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert summary["loss_tokens"] == count
+
+
+@pytest.mark.parametrize("fmt", ["tulu", "template"])
+def test_option_scoring_with_a_shared_prompt_equals_scoring_each_option_alone(tiny_model_dir, fmt):
+    # Options that share a first word too ("The capital ..."), and one that is a prefix of another.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = train_tokenizer()
+    options = ["The capital of Peru is Lima.", "The capital of Peru is Rome.", "Lima", "Lima, Peru", "x"]
+    before = [{"role": "user", "content": "What is the capital of Peru?"}]
+    encoded = [encode(before + [{"role": "assistant", "content": o}], tok, fmt, 512) for o in options]
+    alone = [token_losses(model, [e], tok.pad_token_id, 1, lambda _n: None)[0] for e in encoded]
+    shared = option_losses(model, encoded, tok.pad_token_id)
+    assert [n for _, n in shared] == [n for _, n in alone]
+    assert [ce for ce, _ in shared] == pytest.approx([ce for ce, _ in alone], rel=1e-5)
 
 
 def test_exact_match_scores_the_models_own_greedy_answer(tiny_model_dir):
