@@ -15,9 +15,10 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 def save_adapter(folder: str | Path, cfg: AdapterConfig, model) -> Path:
     """Write the adapter of `model` into `folder`."""
-    from prolora_cli.inject import adapter_state
+    from prolora_cli.inject import adapter_layers, layers_state, saved_config
 
-    return save_adapter_tensors(folder, cfg, adapter_state(model))
+    layers = adapter_layers(model)
+    return save_adapter_tensors(folder, saved_config(cfg, layers), layers_state(layers))
 
 
 def save_adapter_tensors(folder: str | Path, cfg: AdapterConfig, state: dict) -> Path:

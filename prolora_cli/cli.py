@@ -32,6 +32,24 @@ TARGETS = typer.Option("all", "--targets", help="Layers to adapt: q,k,v,o,gate,u
 BROADCAST = typer.Option("hidden", "--broadcast", help="Broadcast copies along 'hidden' (paper) or 'rank'.")
 ROTATION = typer.Option("rank", "--rotation", help="Rotate copies along 'rank' (paper), 'hidden', or 'none'.")
 INIT = typer.Option("rectified", "--init", help="'rectified' (fan-in of the full layer) or 'vanilla'.")
+METHOD = typer.Option("prolora", "--method", help="prolora, lora, vera, tied-lora, sora or prilora "
+                      "(see docs/methods.md).")
+VERA_SEED = typer.Option(0, "--vera-seed", help="VeRA: seed of the frozen random projections.")
+SPARSE_LAMBDA = typer.Option(1e-4, "--sparse-lambda", help="SoRA: soft threshold at the start.")
+MAX_LAMBDA = typer.Option(5e-4, "--max-lambda", help="SoRA: soft threshold in the last stage.")
+LAMBDA_STAGES = typer.Option(5, "--lambda-stages", help="SoRA: stages of the threshold schedule.")
+RANK_FIRST = typer.Option(None, "--rank-first", help="PRILoRA: rank of the first block (default rank/2).")
+RANK_LAST = typer.Option(None, "--rank-last", help="PRILoRA: rank of the last block (default 3*rank/2).")
+PRUNE_EVERY = typer.Option(50, "--prune-every", help="PRILoRA: prune A every N steps (0: never).")
+PRUNE_FRACTION = typer.Option(0.05, "--prune-fraction", help="PRILoRA: share of each row of A pruned each time.")
+MAX_SPARSITY = typer.Option(0.5, "--max-sparsity", help="PRILoRA: stop pruning a row at this share.")
+
+
+def method_options(method, vera_seed, sparse_lambda, max_lambda, lambda_stages, rank_first, rank_last,
+                   prune_every, prune_fraction, max_sparsity) -> dict:
+    return dict(method=method, vera_seed=vera_seed, sora_lambda=sparse_lambda, sora_max_lambda=max_lambda,
+                sora_stages=lambda_stages, rank_first=rank_first, rank_last=rank_last, prune_every=prune_every,
+                prune_fraction=prune_fraction, max_sparsity=max_sparsity)
 
 
 @app.command("count-params")
@@ -40,6 +58,7 @@ def count_params_cmd(
                                         "smollm2-135m), model folder, config.json or .gguf. Default: smollm2-135m."),
     rank: int = RANK, unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE,
     share_b: Optional[int] = SHARE_B, targets: str = TARGETS, broadcast: str = BROADCAST,
+    method: str = METHOD, rank_first: Optional[int] = RANK_FIRST, rank_last: Optional[int] = RANK_LAST,
     budget: Optional[str] = typer.Option(None, "--budget", help="List settings that fit N params (5M, 4997120)."),
     max_rank: int = typer.Option(64, "--max-rank", help="With --budget: the highest rank to consider."),
     top: int = typer.Option(15, "--top", help="With --budget: how many ranks to list."),
@@ -67,23 +86,31 @@ def count_params_cmd(
         if not rows:
             out.print("Nothing fits: the budget is below a rank-1 PRoLoRA at the largest sharing ratio.")
         return
-    cfg = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast)
+    cfg = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast,
+                               method=method, rank_first=rank_first, rank_last=rank_last)
     result = plan(arch, cfg)
     if as_json:
         out.print_json(json.dumps(result))
         return
-    table = Table(title=f"{arch.name}: PRoLoRA r={cfg.r} u={cfg.u} m={cfg.m} n={cfg.n}")
+    title = (f"PRoLoRA r={cfg.r} u={cfg.u} m={cfg.m} n={cfg.n}" if cfg.method == "prolora"
+             else f"{cfg.method} r={cfg.r}")
+    table = Table(title=f"{arch.name}: {title}")
     for col in ("module", "layers", "in x out", "params / layer", "params"):
         table.add_column(col, justify="right")
     for row in result["per_target"]:
+        per = "by depth" if row["params_per_module"] is None else f"{row['params_per_module']:,}"
         table.add_row(row["target"], str(row["modules"]), f"{row['in_features']} x {row['out_features']}",
-                      f"{row['params_per_module']:,}", f"{row['params']:,}")
+                      per, f"{row['params']:,}")
+    if result["shared_params"]:
+        table.add_row("shared", "", "", "", f"{result['shared_params']:,}")
     table.add_section()
     table.add_row("total", "", "", "", f"{result['trainable_params']:,}")
     out.print(table)
     out.print(f"bytes: {result['bytes_fp32']:,} fp32, {result['bytes_bf16']:,} bf16")
     out.print(f"same budget as LoRA rank {result['equivalent_lora_rank']:.2f}; "
               f"LoRA at rank {cfg.r} would need {result['lora_params_same_rank']:,} params")
+    if result.get("note"):
+        out.print(result["note"])
 
 
 MODEL = typer.Option(None, "--model", help="llama2-7b/13b/70b, a hub id, a local folder or a .gguf file. "
@@ -100,7 +127,11 @@ def train(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     rank: int = RANK, unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE,
     share_b: Optional[int] = SHARE_B, targets: str = TARGETS, broadcast: str = BROADCAST,
-    rotation: str = ROTATION, init: str = INIT,
+    rotation: str = ROTATION, init: str = INIT, method: str = METHOD,
+    vera_seed: int = VERA_SEED, sparse_lambda: float = SPARSE_LAMBDA, max_lambda: float = MAX_LAMBDA,
+    lambda_stages: int = LAMBDA_STAGES, rank_first: Optional[int] = RANK_FIRST,
+    rank_last: Optional[int] = RANK_LAST, prune_every: int = PRUNE_EVERY, prune_fraction: float = PRUNE_FRACTION,
+    max_sparsity: float = MAX_SPARSITY,
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha; scaling = alpha / rank."),
     dropout: float = typer.Option(0.1, "--dropout", help="Dropout on the adapter's input."),
     chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' (the tokenizer's) or 'auto'."),
@@ -127,14 +158,17 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --output."),
     device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
 ):
-    """Fine-tune a model with PRoLoRA (QLoRA on a 4-bit NF4 base) on chat JSONL."""
+    """Fine-tune a model with PRoLoRA (or --method) as QLoRA on a 4-bit NF4 base, on chat JSONL."""
     from prolora_cli.config import AdapterConfig
     from prolora_cli.console import TrainReporter
     from prolora_cli.training import Interrupted, TrainArgs
     from prolora_cli.training import train as run_training
 
     adapter = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast,
-                                   rotation=rotation, init=init, alpha=alpha, dropout=dropout)
+                                   rotation=rotation, init=init, alpha=alpha, dropout=dropout,
+                                   **method_options(method, vera_seed, sparse_lambda, max_lambda, lambda_stages,
+                                                    rank_first, rank_last, prune_every, prune_fraction,
+                                                    max_sparsity))
     args = TrainArgs(
         data=data, output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
         trust_remote_code=trust_remote_code, chat_format=chat_format, max_seq_len=max_seq_len,
@@ -311,28 +345,49 @@ def inspect(
     c = info["config"]
     out.print(f"[bold]{adapter}[/]: {c['method']} adapter, format {c['format_version']}, base {c['base_model'] or '?'}",
               highlight=False)
-    out.print(f"r={c['r']} u={c['u']} m={c['m']} n={c['n']} alpha={c['alpha']:g} dropout={c['dropout']:g} "
-              f"broadcast={c['broadcast']} rotation={c['rotation']} init={c['init']}", highlight=False)
+    out.print(method_settings(c), highlight=False)
     out.print(f"trainable params {info['trainable_params']:,} ({human_bytes(info['bytes_on_disk'])} on disk); "
-              f"LoRA at rank {c['r']}: {info['lora_params_same_rank']:,} "
+              f"LoRA at the same ranks: {info['lora_params_same_rank']:,} "
               f"({human_bytes(info['lora_bytes_fp32_same_rank'])} in fp32), "
               f"{info['savings_vs_lora']:.2f}x more", highlight=False)
+    if info["shared_params"]:
+        out.print(f"of which {info['shared_params']:,} are shared by several modules", highlight=False)
     table = Table(title="per module type")
-    for col in ("type", "modules", "in x out", "A_shared", "A_unshared", "B_shared", "B_unshared", "params"):
+    for col in ("type", "modules", "in x out", "tensors (per module)", "params"):
         table.add_column(col, justify="right")
     for t in info["per_type"]:
-        shapes = ["x".join(map(str, t["shapes"][k])) for k in ("A_shared", "A_unshared", "B_shared", "B_unshared")]
-        table.add_row(t["type"], str(t["modules"]), f"{t['in_features']} x {t['out_features']}", *shapes,
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in t["shapes"].items())
+        table.add_row(t["type"], str(t["modules"]), f"{t['in_features']} x {t['out_features']}", shapes,
                       f"{t['params']:,}")
     out.print(table)
     table = Table(title="per module: dW = scaling * B @ A")
-    for col in ("module", "||dW||_F", "rank", "effective rank"):
+    sparse = any("a_sparsity" in m for m in info["per_module"])
+    for col in ("module", "adapter rank", "||dW||_F", "rank of dW", "effective rank") + (("A pruned",) * sparse):
         table.add_column(col, justify="right")
     for m in info["per_module"]:
-        table.add_row(m["module"], f"{m['dw_norm']:.4g}", str(m["rank"]), f"{m['effective_rank']:.2f}")
+        table.add_row(m["module"], str(m["adapter_rank"]), f"{m['dw_norm']:.4g}", str(m["rank"]),
+                      f"{m['effective_rank']:.2f}", *([f"{100 * m['a_sparsity']:.0f}%"] if sparse else []))
     out.print(table)
     if drawn:
         out.print(f"plot of {drawn} written to {plot}", highlight=False)
+
+
+def method_settings(c: dict) -> str:
+    """One line with the settings that matter for this adapter's method."""
+    common = f"alpha={c['alpha']:g} dropout={c['dropout']:g}"
+    if c["method"] == "prolora":
+        return (f"r={c['r']} u={c['u']} m={c['m']} n={c['n']} {common} broadcast={c['broadcast']} "
+                f"rotation={c['rotation']} init={c['init']}")
+    if c["method"] == "vera":
+        return f"r={c['r']} seed={c['vera_seed']} d_init={c['vera_d_init']:g} dropout={c['dropout']:g}"
+    if c["method"] == "sora":
+        left = "" if c.get("ranks") is None else f", {sum(c['ranks'].values())} ranks left in all"
+        return (f"r_max={c['r']} {common} lambda={c['sora_lambda']:g} -> {c['sora_max_lambda']:g} "
+                f"in {c['sora_stages']} stages{left}")
+    if c["method"] == "prilora":
+        return (f"r={c['r']} ranks {c.get('rank_first') or '-'}..{c.get('rank_last') or '-'} by depth, {common}, "
+                f"prune {c['prune_fraction']:g} every {c['prune_every']} steps up to {c['max_sparsity']:g}")
+    return f"r={c['r']} {common}"
 
 
 def _version(value: bool) -> None:

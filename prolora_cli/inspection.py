@@ -10,7 +10,7 @@ def singular_values(layer):
     """Singular values of dW = scaling * B @ A from two thin QRs: O(r^2 (h + o)), never o x h."""
     import torch
 
-    a, b = layer.expanded()
+    a, b = layer.factors()
     a, b = a.detach().double(), b.detach().double()
     _, r_b = torch.linalg.qr(b)        # B = Q_B R_B
     _, r_a = torch.linalg.qr(a.T)      # A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T
@@ -34,25 +34,34 @@ def inspect_adapter(folder: str | Path) -> dict:
     folder = Path(folder)
     cfg, state = read_config(folder), read_tensors(folder)
     layers = standalone_layers(cfg, state)
+    # Tensors shared by several modules (Tied-LoRA) count once, under the adapter, not per module.
+    shared = {k: v for layer in layers.values() for k, v in layer.shared_state().items()}
     modules, by_type = [], {}
     for path, layer in layers.items():
         sv = singular_values(layer)
         tol = float(sv.max()) * 1e-6 if sv.numel() else 0.0
-        params = sum(getattr(layer, t).numel() for t in ("A_shared", "A_unshared", "B_shared", "B_unshared"))
-        lora = layer.r * (layer.in_features + layer.out_features)
+        own = {k: v for k, v in layer.state().items() if v.is_floating_point() and k != "input_norm_sq"}
+        shared_ids = {id(v) for v in layer.shared_state().values()}
+        params = sum(p.numel() for n, p in layer.named_parameters()
+                     if not n.startswith("base_layer.") and id(p) not in shared_ids)
+        stored = sum(v.numel() for v in own.values())
+        rank = layer.rank
+        lora = rank * (layer.in_features + layer.out_features)
         kind = path.rsplit(".", 1)[-1]
-        modules.append(dict(module=path, type=kind, in_features=layer.in_features,
-                            out_features=layer.out_features, params=params,
-                            dw_norm=float(sv.square().sum().sqrt()), rank=int((sv > tol).sum()) if tol else 0,
-                            effective_rank=effective_rank(sv)))
+        row = dict(module=path, type=kind, in_features=layer.in_features, out_features=layer.out_features,
+                   adapter_rank=rank, params=params, stored_values=stored,
+                   dw_norm=float(sv.square().sum().sqrt()), rank=int((sv > tol).sum()) if tol else 0,
+                   effective_rank=effective_rank(sv))
+        if hasattr(layer, "sparsity"):
+            row["a_sparsity"] = layer.sparsity
+        modules.append(row)
         t = by_type.setdefault(kind, dict(type=kind, modules=0, in_features=layer.in_features,
                                           out_features=layer.out_features, params=0, lora_params=0,
-                                          shapes={name: list(getattr(layer, name).shape) for name in
-                                                  ("A_shared", "A_unshared", "B_shared", "B_unshared")}))
+                                          shapes={name: list(v.shape) for name, v in own.items()}))
         t["modules"] += 1
         t["params"] += params
         t["lora_params"] += lora
-    total = sum(m["params"] for m in modules)
+    total = sum(m["params"] for m in modules) + sum(v.numel() for v in shared.values())
     lora_total = sum(t["lora_params"] for t in by_type.values())
     return {
         "adapter": str(folder), "method": cfg.method, "format_version": 1,
@@ -61,6 +70,7 @@ def inspect_adapter(folder: str | Path) -> dict:
         "savings_vs_lora": lora_total / total if total else float("nan"),
         "bytes_on_disk": (folder / WEIGHTS_NAME).stat().st_size,
         "lora_bytes_fp32_same_rank": 4 * lora_total,
+        "shared_params": sum(v.numel() for v in shared.values()),
         "per_type": list(by_type.values()),
         "per_module": modules,
     }
@@ -92,13 +102,13 @@ def plot_module(folder: str | Path, module: str | None, path: str | Path) -> str
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
     lim = float(dw.abs().max()) or 1.0
     im = ax1.imshow(dw.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax1.set_title(f"dW of {name}\n(r={layer.r}, u={layer.u}, m={layer.m}, n={layer.n})")
+    ax1.set_title(f"dW of {name}\n({layer.extra_repr()})", fontsize=9)
     ax1.set_xlabel(f"input feature (h={layer.in_features})")
     ax1.set_ylabel(f"output feature (o={layer.out_features})")
     fig.colorbar(im, ax=ax1, fraction=0.046)
-    shown = sv[: max(2 * layer.r, 16)]
+    shown = sv[: max(2 * layer.rank, 16)]
     ax2.semilogy(range(1, len(shown) + 1), shown.clamp_min(1e-12).numpy(), marker="o")
-    ax2.axvline(layer.r, color="grey", linestyle="--", label=f"r = {layer.r}")
+    ax2.axvline(layer.rank, color="grey", linestyle="--", label=f"r = {layer.rank}")
     ax2.set_title("singular values of dW")
     ax2.set_xlabel("index")
     ax2.legend()

@@ -15,37 +15,31 @@ PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules
 
 
 def standalone_layers(cfg: AdapterConfig, state: dict) -> dict:
-    """Rebuild each adapted module from the adapter alone (no base model): {path: PRoLoRALinear}.
+    """Rebuild each adapted module from the adapter alone (no base model): {path: AdapterLayer}.
 
-    The base layer is a meta-device stand-in that only carries the sizes, read from the unshared
-    tensors (u x h and o x u keep h and o even when u = 0).
+    The base layers are meta-device stand-ins that only carry the sizes, which the config records
+    per module (adapters from before that record read them off the unshared PRoLoRA tensors).
     """
-    import torch
     from torch import nn
 
-    from prolora_cli.adapters.prolora import PRoLoRALinear
-    from prolora_cli.inject import check_state
+    from prolora_cli.inject import build_layers, load_layers_state
 
     def natural(path):  # layers.2 before layers.10, projections in LLaMA's order
         parts = path.split(".")
         kind = ALL_TARGETS.index(parts[-1]) if parts[-1] in ALL_TARGETS else len(ALL_TARGETS)
         return [int(p) if p.isdigit() else -1 for p in parts[:-1]], kind, path
 
-    paths = sorted({key.rsplit(".", 1)[0] for key in state}, key=natural)
-    layers = {}
-    for path in paths:
+    sizes = cfg.modules
+    if sizes is None:
+        paths = {key.rsplit(".", 1)[0] for key in state}
         try:
-            h = state[f"{path}.A_unshared"].shape[1]
-            o = state[f"{path}.B_unshared"].shape[0]
+            sizes = {p: [state[f"{p}.A_unshared"].shape[1], state[f"{p}.B_unshared"].shape[0]] for p in paths}
         except KeyError as e:
             raise UserError(f"adapter tensors are incomplete: no {e.args[0]}") from None
-        layer = PRoLoRALinear(nn.Linear(h, o, bias=False, device="meta"), **cfg.layer_kwargs())
-        layers[path] = layer
-    check_state(layers, state)
-    with torch.no_grad():
-        for path, layer in layers.items():
-            for t in ("A_shared", "A_unshared", "B_shared", "B_unshared"):
-                getattr(layer, t).copy_(state[f"{path}.{t}"])
+    bases = {p: nn.Linear(h, o, bias=False, device="meta") for p, (h, o) in sorted(sizes.items(),
+                                                                                   key=lambda kv: natural(kv[0]))}
+    layers = build_layers(cfg, bases)
+    load_layers_state(layers, state)
     return layers
 
 
@@ -59,25 +53,33 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
     output = Path(output)
     check_output_free(output, overwrite)
     cfg, state = read_config(adapter), read_tensors(adapter)
-    tensors = {}
+    tensors, ranks, alphas = {}, {}, {}
     for path, layer in standalone_layers(cfg, state).items():
-        a, b = layer.expanded()
+        a, b = layer.factors()  # every method is a LoRA once expanded, gated or masked
+        scaling = layer.scaling
         if scale_into_b:  # for servers that ignore lora_alpha: scaling becomes 1
-            b = b * layer.scaling
+            b, scaling = b * scaling, 1.0
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().contiguous()
+        ranks[path], alphas[path] = a.shape[0], scaling * a.shape[0]  # PEFT scales by alpha / r
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r,
-        "lora_alpha": cfg.r if scale_into_b else cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": [t for t in ALL_TARGETS if any(p.endswith("." + t) for p in ranks)],
+        "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
         "base_model_name_or_path": cfg.base_model, "inference_mode": True,
+        # Per-module exceptions, by full module path (PEFT matches a pattern at a name's end).
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
     }
     with atomic_dir(output, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-    return {"output": str(output), "modules": len(tensors) // 2, "r": cfg.r,
-            "lora_alpha": peft_config["lora_alpha"]}
+    return {"output": str(output), "modules": len(tensors) // 2, "r": r, "lora_alpha": alpha,
+            "per_module_ranks": len(peft_config["rank_pattern"]) > 0}
 
 
 def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 from prolora_cli.adapters.prolora import count_params
 from prolora_cli.arch import Architecture
@@ -11,21 +10,32 @@ from prolora_cli.config import AdapterConfig
 from prolora_cli.errors import UserError
 
 
-@dataclass
-class ModuleRow:
-    target: str
-    modules: int
-    in_features: int
-    out_features: int
-    params_per_module: int
+def module_params(cfg: AdapterConfig, h: int, o: int, num_layers: int) -> list[int]:
+    """Trainable numbers of each block's module of size h -> o (shared tensors excluded)."""
+    from prolora_cli.adapters import prilora, sora, tied_lora, vera
 
-    @property
-    def total(self) -> int:
-        return self.modules * self.params_per_module
+    if cfg.method in ("prolora", "lora"):
+        return [count_params(h, o, cfg.r, cfg.u, cfg.m, cfg.n, cfg.broadcast)] * num_layers
+    if cfg.method == "vera":
+        return [vera.count_params(h, o, cfg.r)] * num_layers
+    if cfg.method == "tied-lora":
+        return [tied_lora.count_params(h, o, cfg.r)] * num_layers
+    if cfg.method == "sora":
+        return [sora.count_params(h, o, cfg.r)] * num_layers
+    return [prilora.count_params(h, o, r) for r in prilora.rank_ramp(*cfg.prilora_ranks, num_layers)]
+
+
+NOTES = {
+    "vera": "VeRA's frozen random A and B are rebuilt from a seed: neither trained nor saved.",
+    "sora": "SoRA counts r_max ranks and the gates; the saved adapter keeps only the ranks left open.",
+    "prilora": "PRILoRA before pruning; the saved A keeps (1 - max sparsity) of its entries.",
+}
 
 
 def plan(arch: Architecture, cfg: AdapterConfig) -> dict:
     """Trainable parameters of `cfg` on `arch`, per target and in total."""
+    from prolora_cli.adapters import tied_lora
+
     shapes = arch.linear_shapes()
     rows = []
     for t in cfg.targets:
@@ -34,23 +44,32 @@ def plan(arch: Architecture, cfg: AdapterConfig) -> dict:
             cfg.check(h, o)
         except UserError as e:
             raise UserError(f"{t}: {e}") from None
-        rows.append(ModuleRow(t, arch.num_layers, h, o,
-                              count_params(h, o, cfg.r, cfg.u, cfg.m, cfg.n, cfg.broadcast)))
-    total = sum(row.total for row in rows)
-    lora_rank1 = sum(row.modules * (row.in_features + row.out_features) for row in rows)
+        per = module_params(cfg, h, o, arch.num_layers)
+        rows.append(dict(target=t, modules=arch.num_layers, in_features=h, out_features=o,
+                         params_per_module=per[0] if len(set(per)) == 1 else None, params=sum(per)))
+    shared = 0
+    if cfg.method == "tied-lora":  # one A (r x h) and B (o_max x r) per tie group
+        groups: dict[str, tuple[int, int]] = {}
+        for row in rows:
+            g = tied_lora.group_of(row["target"])
+            h, o_max = groups.get(g, (row["in_features"], 0))
+            groups[g] = (h, max(o_max, row["out_features"]))
+        shared = sum(cfg.r * h + o_max * cfg.r for h, o_max in groups.values())
+    total = sum(row["params"] for row in rows) + shared
+    lora_rank1 = sum(row["modules"] * (row["in_features"] + row["out_features"]) for row in rows)
     return {
         "model": arch.name,
-        "method": "prolora",
+        "method": cfg.method,
         "r": cfg.r, "u": cfg.u, "m": cfg.m, "n": cfg.n, "broadcast": cfg.broadcast,
         "targets": list(cfg.targets),
-        "per_target": [dict(target=r.target, modules=r.modules, in_features=r.in_features,
-                            out_features=r.out_features, params_per_module=r.params_per_module,
-                            params=r.total) for r in rows],
+        "per_target": rows,
+        "shared_params": shared,
         "trainable_params": total,
         "bytes_fp32": 4 * total,
         "bytes_bf16": 2 * total,
         "lora_params_same_rank": cfg.r * lora_rank1,
         "equivalent_lora_rank": total / lora_rank1,
+        "note": NOTES.get(cfg.method),
     }
 
 

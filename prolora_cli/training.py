@@ -253,7 +253,7 @@ def train(args: TrainArgs, report) -> dict:
 
     from prolora_cli.adapter_files import read_config, save_adapter
     from prolora_cli.chat_data import read_jsonl, resolve_chat_format
-    from prolora_cli.inject import count_trainable, inject, load_state
+    from prolora_cli.inject import adapter_layers, count_trainable, finalize, inject, load_state
 
     args.check()
     resume_from = prepare_output(args)
@@ -309,6 +309,7 @@ def train(args: TrainArgs, report) -> dict:
     # Stepped by hand once per optimizer step; registered so checkpoints hold it.
     accelerator.register_for_checkpointing(scheduler)
     raw_model = accelerator.unwrap_model(model)
+    layers = list(adapter_layers(raw_model).values())
 
     def save_hook(models, weights, output_dir):
         # The frozen base is not checkpointed; the adapter is, as a complete adapter folder.
@@ -398,6 +399,9 @@ def train(args: TrainArgs, report) -> dict:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                    if accelerator.sync_gradients:  # SoRA's proximal step, PRILoRA's pruning
+                        for layer in layers:
+                            layer.after_step(progress.step + 1, total_steps)
                 progress.batch_in_epoch += 1
                 n_tokens = int(batch["attention_mask"].sum())
                 progress.tokens += n_tokens
@@ -441,8 +445,11 @@ def train(args: TrainArgs, report) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
+    final_cfg = finalize(raw_model, cfg)  # SoRA: the compact LoRA its gates left
+    if final_cfg.ranks and cfg.method == "sora":
+        say(f"SoRA kept {sum(final_cfg.ranks.values())} of {cfg.r * len(final_cfg.ranks)} ranks")
     if accelerator.is_main_process:
-        save_adapter(args.output, cfg, raw_model)
+        save_adapter(args.output, final_cfg, raw_model)
         plot_losses(progress.history, args.output / "loss.png")
     accelerator.wait_for_everyone()
     first_eval = next((r["eval_loss"] for r in progress.history if "eval_loss" in r), None)

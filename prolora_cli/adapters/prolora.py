@@ -11,10 +11,10 @@ them to length. u = r is exactly LoRA.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from prolora_cli.adapters.base import AdapterLayer, kaiming_uniform_
 
 BROADCASTS = ("hidden", "rank")
 ROTATIONS = ("rank", "hidden", "none")
@@ -86,14 +86,6 @@ def expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str = "
     return a_idx, b_idx
 
 
-def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """PyTorch's default Linear/LoRA init (leaky-ReLU gain, a=sqrt(5)) with an explicit fan-in."""
-    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
-    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
-    with torch.no_grad():
-        return tensor.uniform_(-bound, bound)
-
-
 def validate(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str, rotation: str,
              init: str) -> None:
     """Raise ValueError with one readable sentence if the settings cannot build a layer."""
@@ -117,32 +109,29 @@ def validate(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str, rot
             raise ValueError(f"sharing ratio n={n} is larger than the dimension it splits ({b_dim})")
 
 
-class PRoLoRALinear(nn.Module):
+class PRoLoRALinear(AdapterLayer):
     """A frozen nn.Linear (or bitsandbytes Linear4bit) plus a PRoLoRA update.
 
     forward(x) = base(x) + scaling * B @ (A @ dropout(x)), with A and B expanded from the
-    shared chunks on every call (O(r*(h+o)), negligible next to the matmuls).
+    shared chunks on every call (O(r*(h+o)), negligible next to the matmuls). `scaling` defaults
+    to alpha / r; a LoRA whose rank was cut per module (SoRA) keeps its training-time scaling.
     """
+
+    TENSORS = ("A_shared", "A_unshared", "B_shared", "B_unshared")
 
     def __init__(self, base_layer: nn.Module, r: int, u: int, m: int, n: int | None = None,
                  alpha: float = 16.0, dropout: float = 0.0, broadcast: str = "hidden",
-                 rotation: str = "rank", init: str = "rectified"):
-        super().__init__()
+                 rotation: str = "rank", init: str = "rectified", scaling: float | None = None):
+        super().__init__(base_layer, dropout)
         n = m if n is None else n
-        h, o = base_layer.in_features, base_layer.out_features
+        h, o = self.in_features, self.out_features
         validate(h, o, r, u, m, n, broadcast, rotation, init)
-        self.base_layer = base_layer
-        self.in_features, self.out_features = h, o
         self.r, self.u, self.m, self.n = r, u, m, n
-        self.alpha, self.scaling = alpha, alpha / r
+        self.alpha, self.scaling = alpha, alpha / r if scaling is None else scaling
         self.broadcast, self.rotation, self.init = broadcast, rotation, init
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
-        shapes = param_shapes(h, o, r, u, m, n, broadcast)
-        weight = getattr(base_layer, "weight", None)
-        device = weight.device if weight is not None and weight.device.type != "meta" else None
-        for name, shape in shapes.items():
+        device = self.param_device
+        for name, shape in param_shapes(h, o, r, u, m, n, broadcast).items():
             setattr(self, name, nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)))
         a_idx, b_idx = expansion_index(r - u, h, o, m, n, broadcast, rotation)
         # Not persistent: the index is a pure function of the config, so it is never saved.
@@ -167,40 +156,10 @@ class PRoLoRALinear(nn.Module):
         b = torch.cat([torch.take(self.B_shared, self.b_index), self.B_unshared], dim=1)
         return a, b
 
-    def delta_weight(self) -> torch.Tensor:
-        """dW = scaling * B @ A, in the adapter's dtype (fp32)."""
-        a, b = self.expanded()
-        return (b @ a) * self.scaling
+    factors = expanded
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        a, b = self.expanded()
-        update = self.dropout(x.to(a.dtype)) @ a.T @ b.T
-        return result + (update * self.scaling).to(result.dtype)
-
-    def _full_precision_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        if not isinstance(self.base_layer, nn.Linear) or weight.dtype not in (
-                torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError("merge needs a full-precision base layer; dequantize the base first")
-        return weight
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add dW into the base weight, so forward costs exactly the base's."""
-        if not self.merged:
-            weight = self._full_precision_weight()
-            weight += self.delta_weight().to(weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = self._full_precision_weight()
-            weight -= self.delta_weight().to(weight.dtype)
-            self.merged = False
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.TENSORS}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, u={self.u}, "
