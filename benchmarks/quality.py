@@ -34,7 +34,14 @@ VARIANTS = {
     "lora-r2": ["--rank", "2"],
     "prolora-r8-u1-m7": ["--rank", "8", "--unshared", "1", "--share", "7"],
     "lora-r8": ["--rank", "8"],
+    # The other methods near LoRA r=2's budget on SmolLM2 (610,560; see `prolora count-params --method`).
+    # VeRA trains vectors only and cannot spend that budget: its paper rank 256 is 209,280 parameters.
+    "sora-r2": ["--method", "sora", "--rank", "2"],
+    "prilora-r2": ["--method", "prilora", "--rank", "2", "--prune-every", "10"],
+    "tied-lora-r48": ["--method", "tied-lora", "--rank", "48"],
+    "vera-r256": ["--method", "vera", "--rank", "256", "--lr", "1e-2"],
 }
+DEFAULT_VARIANTS = ["lora-r2", "prolora-r8-u1-m7", "lora-r8"]
 
 
 def run(cmd: list[str]) -> None:
@@ -50,7 +57,8 @@ def spread(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA, help="folder with train.jsonl and dev.jsonl")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help="the paper's three by default; add sora-r2 prilora-r2 tied-lora-r48 vera-r256")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -71,11 +79,12 @@ def main() -> None:
     for label in args.variants:
         for seed in args.seeds:
             out = args.work / f"{label}-seed{seed}"
+            # A variant's own --lr (VeRA's vectors need a larger one) comes last and wins.
             run(prolora + ["train", "--data", str(args.data / "train.jsonl"), "--output", str(out),
-                           "--overwrite", *VARIANTS[label], "--max-steps", str(args.steps),
+                           "--overwrite", "--max-steps", str(args.steps),
                            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
                            "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr),
-                           "--seed", str(seed), "--log-every", "10"])
+                           "--seed", str(seed), "--log-every", "10", *VARIANTS[label]])
             adapters[str(out / "adapter")] = (label, seed)
     train_minutes = (time.perf_counter() - started) / 60
 
