@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=80, help="dev examples scored (a fixed sample)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "quality.png")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of retraining")
     args = p.parse_args()
     for split in ("train.jsonl", "dev.jsonl"):
         if not (args.data / split).is_file():
@@ -79,13 +80,15 @@ def main() -> None:
     for label in args.variants:
         for seed in args.seeds:
             out = args.work / f"{label}-seed{seed}"
+            adapters[str(out)] = (label, seed)  # the run folder is the adapter folder
+            if args.reuse and (out / "adapter.safetensors").is_file():
+                continue
             # A variant's own --lr (VeRA's vectors need a larger one) comes last and wins.
             run(prolora + ["train", "--data", str(args.data / "train.jsonl"), "--output", str(out),
                            "--overwrite", "--max-steps", str(args.steps),
                            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
                            "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr),
                            "--seed", str(seed), "--log-every", "10", *VARIANTS[label]])
-            adapters[str(out / "adapter")] = (label, seed)
     train_minutes = (time.perf_counter() - started) / 60
 
     report_path = args.work / "eval.json"
