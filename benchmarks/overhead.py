@@ -9,7 +9,8 @@ each on the NF4 base (QLoRA) and on the full-precision base. Per variant: a trai
 (forward + backward + AdamW), unmerged forward latency, merged forward latency (full-precision base)
 against the bare base, peak memory of a training step (each in a child process of its own: peak RSS
 after loading on CPU, peak allocated on CUDA), trainable parameters and adapter bytes on disk. Times are medians
-over the repeats with the spread (min-max); ratios are to peft-lora.
+over the repeats with the spread (min-max); a time ratio is the median over the repeats of the variant's
+time over peft-lora's in the same repeat (they ran back to back, so the machine's drift cancels).
 
     python benchmarks/overhead.py                  # the table in docs/benchmarks.md
     python benchmarks/overhead.py --repeats 2 --seq-len 64   # a smoke run
@@ -107,6 +108,7 @@ def child_peak_memory(args) -> None:
     one-time load and conversion do not hide the training step's own peak.
     """
     model, _ = build(args.child_variant, args.child_base, args)
+    model.train()
     device = next(model.parameters()).device
     ids = batch(args, model.config.vocab_size, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -180,6 +182,10 @@ def measure(args) -> dict:
             print(f"[{base}] repeat {rep + 1}/{args.repeats}", flush=True)
         for v, (model, cfg) in models.items():
             row = {k: stats(t) for k, t in times[v].items() if t}
+            if "peft-lora" in times and v != "bare":
+                # Paired within a repeat: both ran back to back, so the machine's drift cancels.
+                row["ratio_to_peft"] = {k: stats([a / b for a, b in zip(t, times["peft-lora"][k])])
+                                        for k, t in times[v].items() if t}
             if v != "bare":
                 row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 row["adapter_bytes"] = adapter_bytes(model, cfg)
@@ -212,10 +218,13 @@ def table(results: dict, args) -> str:
         for v in args.variants:
             r = rows[v]
 
-            def ratio(key, sub="median_s"):
+            def ratio(key):
                 if ref is None or key not in r:
                     return "-"
-                return f"{r[key][sub] / ref[key][sub]:.3f}" if sub else f"{r[key] / ref[key]:.3f}"
+                if key == "peak_memory_bytes":
+                    return f"{r[key] / ref[key]:.3f}"
+                s = r["ratio_to_peft"][key]
+                return f"{s['median_s']:.3f} ({s['min_s']:.3f}-{s['max_s']:.3f})"
 
             def ms(key):
                 s = r[key]
@@ -224,7 +233,7 @@ def table(results: dict, args) -> str:
             merged = f"{r['merged_forward']['median_s'] / bare:.3f}" if "merged_forward" in r else "-"
             mem = r.get("peak_memory_bytes")
             lines.append(f"| {v} | {ms('step')} | {ratio('step')} | {ms('forward')} | {ratio('forward')} | {merged} "
-                         f"| {mem / 2**20:.0f} | {ratio('peak_memory_bytes', None)} | "
+                         f"| {mem / 2**20:.0f} | {ratio('peak_memory_bytes')} | "
                          f"{r['trainable_params']:,} | {r['adapter_bytes']:,} |" if mem else
                          f"| {v} | {ms('step')} | {ratio('step')} | {ms('forward')} | {ratio('forward')} | {merged} "
                          f"| - | - | {r['trainable_params']:,} | {r['adapter_bytes']:,} |")
@@ -240,7 +249,7 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory child processes")
     p.add_argument("--output", type=Path, default=None, help="also write the raw numbers as JSON")
     p.add_argument("--child-variant", help=argparse.SUPPRESS)
