@@ -54,7 +54,7 @@ def build(variant: str, base: str, args) -> tuple[torch.nn.Module, object]:
                                                  target_modules=list(ALL_TARGETS)))
         return model, None
     u = args.rank if variant == "prolora-u=r" else 1
-    cfg = AdapterConfig.create(args.rank, u, alpha=16, dropout=args.dropout, base_model=model_id)
+    cfg = AdapterConfig.create(args.rank, unshared=u, alpha=16, dropout=args.dropout, base_model=model_id)
     inject(model, cfg)
     return model, cfg
 
@@ -202,14 +202,14 @@ def measure(args) -> dict:
 
 
 def stats(values: list[float]) -> dict:
-    return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "n": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def table(results: dict, args) -> str:
     lines = []
     for base, rows in results.items():
         ref = rows["peft-lora"] if "peft-lora" in rows else None
-        bare = rows["bare"]["forward"]["median_s"]
+        bare = rows["bare"]["forward"]["median"]
         lines += [f"\n**{'NF4 (QLoRA)' if base == 'nf4' else 'full-precision'} base** on {rows['_device']}; "
                   f"bare base forward {1000 * bare:.0f} ms\n",
                   "| variant | step (ms) | step / PEFT | forward (ms) | forward / PEFT | merged fwd / bare "
@@ -224,13 +224,13 @@ def table(results: dict, args) -> str:
                 if key == "peak_memory_bytes":
                     return f"{r[key] / ref[key]:.3f}"
                 s = r["ratio_to_peft"][key]
-                return f"{s['median_s']:.3f} ({s['min_s']:.3f}-{s['max_s']:.3f})"
+                return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
             def ms(key):
                 s = r[key]
-                return f"{1000 * s['median_s']:.0f} ({1000 * s['min_s']:.0f}-{1000 * s['max_s']:.0f})"
+                return f"{1000 * s['median']:.0f} ({1000 * s['min']:.0f}-{1000 * s['max']:.0f})"
 
-            merged = f"{r['merged_forward']['median_s'] / bare:.3f}" if "merged_forward" in r else "-"
+            merged = f"{r['merged_forward']['median'] / bare:.3f}" if "merged_forward" in r else "-"
             mem = r.get("peak_memory_bytes")
             lines.append(f"| {v} | {ms('step')} | {ratio('step')} | {ms('forward')} | {ratio('forward')} | {merged} "
                          f"| {mem / 2**20:.0f} | {ratio('peak_memory_bytes')} | "

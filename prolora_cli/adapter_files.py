@@ -61,14 +61,3 @@ def read_tensors(folder: str | Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is corrupted or not a safetensors file ({e})") from None
-
-
-def attach_adapter(model, folder: str | Path) -> AdapterConfig:
-    """Inject the layers an adapter folder describes into `model` and load its tensors."""
-    from prolora_cli.inject import inject, load_state
-
-    cfg = read_config(folder)
-    state = read_tensors(folder)
-    inject(model, cfg)
-    load_state(model, state)
-    return cfg

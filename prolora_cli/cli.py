@@ -12,7 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from prolora_cli import __version__
+from prolora_cli.adapters import DEFAULT as DEFAULT_METHOD
+from prolora_cli.adapters import names as method_names
+from prolora_cli.config import AdapterConfig
 from prolora_cli.errors import UserError
+from prolora_cli.training import TrainArgs
 
 app = typer.Typer(
     help="Fine-tune LLaMA-family models with PRoLoRA, then merge, evaluate and inspect the result.",
@@ -23,42 +27,46 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-# Flags shared by the commands that build an adapter.
-RANK = typer.Option(8, "--rank", "-r", help="Rank r of dW.")
-UNSHARED = typer.Option(None, "--unshared", "-u", help="Unshared ranks u (default: = rank, i.e. plain LoRA).")
-SHARE = typer.Option(None, "--share", "-m", help="Sharing ratio m of A (default: rank - unshared).")
-SHARE_B = typer.Option(None, "--share-b", "-n", help="Sharing ratio n of B (default: m).")
-TARGETS = typer.Option("all", "--targets", help="Layers to adapt: q,k,v,o,gate,up,down or 'all'.")
-BROADCAST = typer.Option("hidden", "--broadcast", help="Broadcast copies along 'hidden' (paper) or 'rank'.")
-ROTATION = typer.Option("rank", "--rotation", help="Rotate copies along 'rank' (paper), 'hidden', or 'none'.")
-INIT = typer.Option("rectified", "--init", help="'rectified' (fan-in of the full layer) or 'vanilla'.")
-METHOD = typer.Option("prolora", "--method", help="prolora, lora, vera, tied-lora, sora or prilora "
+# Flags shared by the commands that build an adapter. Defaults live in AdapterConfig, TrainArgs and
+# each method's own settings (None here means "the method's default").
+RANK = typer.Option(AdapterConfig.r, "--rank", "-r", help="Rank r of dW.")
+TARGETS = typer.Option(None, "--targets", help="Layers to adapt: q,k,v,o,gate,up,down or 'all' "
+                       "(default: the method's; all for most).")
+METHOD = typer.Option(DEFAULT_METHOD, "--method", help=f"Adapter method: {', '.join(method_names())} "
                       "(see docs/methods.md).")
-VERA_SEED = typer.Option(0, "--vera-seed", help="VeRA: seed of the frozen random projections.")
-SPARSE_LAMBDA = typer.Option(1e-4, "--sparse-lambda", help="SoRA: soft threshold at the start.")
-MAX_LAMBDA = typer.Option(5e-4, "--max-lambda", help="SoRA: soft threshold in the last stage.")
-LAMBDA_STAGES = typer.Option(5, "--lambda-stages", help="SoRA: stages of the threshold schedule.")
+ALPHA = typer.Option(AdapterConfig.alpha, "--alpha", help="LoRA alpha; scaling = alpha / rank.")
+DROPOUT = typer.Option(AdapterConfig.dropout, "--dropout", help="Dropout on the adapter's input.")
+# Each method's own flags; a flag given to a method that has no such setting is an error.
+UNSHARED = typer.Option(None, "--unshared", "-u", help="PRoLoRA: unshared ranks u (default: = rank, i.e. plain LoRA).")
+SHARE = typer.Option(None, "--share", "-m", help="PRoLoRA: sharing ratio m of A (default: rank - unshared).")
+SHARE_B = typer.Option(None, "--share-b", "-n", help="PRoLoRA: sharing ratio n of B (default: m).")
+BROADCAST = typer.Option(None, "--broadcast", help="PRoLoRA: copies along 'hidden' (paper, default) or 'rank'.")
+ROTATION = typer.Option(None, "--rotation", help="PRoLoRA: rotate copies along 'rank' (paper, default), "
+                        "'hidden', or 'none'.")
+INIT = typer.Option(None, "--init", help="PRoLoRA: 'rectified' (fan-in of the full layer, default) or 'vanilla'.")
+VERA_SEED = typer.Option(None, "--vera-seed", help="VeRA: seed of the frozen random pair (default 0).")
+SPARSE_LAMBDA = typer.Option(None, "--sparse-lambda", help="SoRA: weight of the L1 penalty on the gates "
+                             "(authors' sparse_lambda, default 10).")
+SPARSE_LAMBDA_2 = typer.Option(None, "--sparse-lambda-2", help="SoRA: threshold of the gates' proximal step "
+                               "(authors' sparse_lambda_2, default 3e-4).")
+MAX_LAMBDA = typer.Option(None, "--max-lambda", help="SoRA: last threshold of a staged schedule.")
+LAMBDA_STAGES = typer.Option(None, "--lambda-stages", help="SoRA: stages of the threshold schedule (default 1: constant).")
 RANK_FIRST = typer.Option(None, "--rank-first", help="PRILoRA: rank of the first block (default rank/2).")
 RANK_LAST = typer.Option(None, "--rank-last", help="PRILoRA: rank of the last block (default 3*rank/2).")
-PRUNE_EVERY = typer.Option(50, "--prune-every", help="PRILoRA: prune A every N steps (0: never).")
-PRUNE_FRACTION = typer.Option(0.05, "--prune-fraction", help="PRILoRA: share of each row of A pruned each time.")
-MAX_SPARSITY = typer.Option(0.5, "--max-sparsity", help="PRILoRA: stop pruning a row at this share.")
-
-
-def method_options(method, vera_seed, sparse_lambda, max_lambda, lambda_stages, rank_first, rank_last,
-                   prune_every, prune_fraction, max_sparsity) -> dict:
-    return dict(method=method, vera_seed=vera_seed, sora_lambda=sparse_lambda, sora_max_lambda=max_lambda,
-                sora_stages=lambda_stages, rank_first=rank_first, rank_last=rank_last, prune_every=prune_every,
-                prune_fraction=prune_fraction, max_sparsity=max_sparsity)
+PRUNE_EVERY = typer.Option(None, "--prune-every", help="PRILoRA: prune A every N steps (0: never; default 50).")
+PRUNE_FRACTION = typer.Option(None, "--prune-fraction", help="PRILoRA: share of each row of A pruned each time "
+                              "(default 0.05).")
+MAX_SPARSITY = typer.Option(None, "--max-sparsity", help="PRILoRA: stop pruning a row at this share (default 0.5).")
 
 
 @app.command("count-params")
 def count_params_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Preset (llama2-7b, llama2-13b, llama2-70b, "
                                         "smollm2-135m), model folder, config.json or .gguf. Default: smollm2-135m."),
-    rank: int = RANK, unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE,
-    share_b: Optional[int] = SHARE_B, targets: str = TARGETS, broadcast: str = BROADCAST,
-    method: str = METHOD, rank_first: Optional[int] = RANK_FIRST, rank_last: Optional[int] = RANK_LAST,
+    method: str = METHOD, rank: int = RANK, targets: Optional[str] = TARGETS,
+    unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE, share_b: Optional[int] = SHARE_B,
+    broadcast: Optional[str] = BROADCAST, rank_first: Optional[int] = RANK_FIRST,
+    rank_last: Optional[int] = RANK_LAST,
     budget: Optional[str] = typer.Option(None, "--budget", help="List settings that fit N params (5M, 4997120)."),
     max_rank: int = typer.Option(64, "--max-rank", help="With --budget: the highest rank to consider."),
     top: int = typer.Option(15, "--top", help="With --budget: how many ranks to list."),
@@ -66,35 +74,33 @@ def count_params_cmd(
 ):
     """Count trainable parameters for a setting, or find settings that fit a budget. Loads no weights."""
     from prolora_cli.arch import resolve_architecture
-    from prolora_cli.config import AdapterConfig, parse_targets
     from prolora_cli.planner import fit_budget, parse_count, plan
 
     arch = resolve_architecture(model)
+    cfg = AdapterConfig.create(rank, method=method, targets=targets, unshared=unshared, share=share,
+                               share_b=share_b, broadcast=broadcast, rank_first=rank_first, rank_last=rank_last)
     if budget is not None:
-        rows = fit_budget(arch, parse_targets(targets), parse_count(budget), max_rank, top)
+        rows = fit_budget(arch, cfg.method, cfg.targets, parse_count(budget), max_rank, top)
         if as_json:
             out.print_json(json.dumps({"model": arch.name, "budget": parse_count(budget), "settings": rows}))
             return
-        table = Table(title=f"Best PRoLoRA setting per rank within {parse_count(budget):,} params "
+        table = Table(title=f"Best {cfg.impl.title} setting per rank within {parse_count(budget):,} params "
                             f"on {arch.name}")
-        for col in ("r", "u", "m = n", "trainable params", "LoRA-equivalent rank"):
+        columns = [k for k in (rows[0] if rows else {}) if k not in ("trainable_params", "equivalent_lora_rank")]
+        for col in columns + ["trainable params", "LoRA-equivalent rank"]:
             table.add_column(col, justify="right")
         for row in rows:
-            table.add_row(str(row["r"]), str(row["u"]), str(row["m"]), f"{row['trainable_params']:,}",
+            table.add_row(*[str(row[k]) for k in columns], f"{row['trainable_params']:,}",
                           f"{row['equivalent_lora_rank']:.2f}")
         out.print(table)
         if not rows:
-            out.print("Nothing fits: the budget is below a rank-1 PRoLoRA at the largest sharing ratio.")
+            out.print("Nothing fits: the budget is below the smallest setting at rank 1.")
         return
-    cfg = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast,
-                               method=method, rank_first=rank_first, rank_last=rank_last)
     result = plan(arch, cfg)
     if as_json:
         out.print_json(json.dumps(result))
         return
-    title = (f"PRoLoRA r={cfg.r} u={cfg.u} m={cfg.m} n={cfg.n}" if cfg.method == "prolora"
-             else f"{cfg.method} r={cfg.r}")
-    table = Table(title=f"{arch.name}: {title}")
+    table = Table(title=f"{arch.name}: {cfg.impl.title} {cfg.impl.describe(cfg)}")
     for col in ("module", "layers", "in x out", "params / layer", "params"):
         table.add_column(col, justify="right")
     for row in result["per_target"]:
@@ -123,52 +129,52 @@ def train(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out chat JSONL for eval loss."),
     output: Path = typer.Option(Path("runs/prolora"), "--output", "-o", help="Run folder: adapter, log, plot, checkpoints."),
     model: Optional[str] = MODEL,
-    quant: str = typer.Option("nf4", "--quant", help="'nf4' (4-bit QLoRA base) or 'none' (full precision)."),
+    quant: str = typer.Option(TrainArgs.quant, "--quant", help="'nf4' (4-bit QLoRA base) or 'none' (full precision)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
-    rank: int = RANK, unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE,
-    share_b: Optional[int] = SHARE_B, targets: str = TARGETS, broadcast: str = BROADCAST,
-    rotation: str = ROTATION, init: str = INIT, method: str = METHOD,
-    vera_seed: int = VERA_SEED, sparse_lambda: float = SPARSE_LAMBDA, max_lambda: float = MAX_LAMBDA,
-    lambda_stages: int = LAMBDA_STAGES, rank_first: Optional[int] = RANK_FIRST,
-    rank_last: Optional[int] = RANK_LAST, prune_every: int = PRUNE_EVERY, prune_fraction: float = PRUNE_FRACTION,
-    max_sparsity: float = MAX_SPARSITY,
-    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha; scaling = alpha / rank."),
-    dropout: float = typer.Option(0.1, "--dropout", help="Dropout on the adapter's input."),
-    chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' (the tokenizer's) or 'auto'."),
-    max_seq_len: int = typer.Option(512, "--max-seq-len", help="Truncate examples to this many tokens."),
+    method: str = METHOD, rank: int = RANK, targets: Optional[str] = TARGETS, alpha: float = ALPHA,
+    dropout: float = DROPOUT,
+    unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE, share_b: Optional[int] = SHARE_B,
+    broadcast: Optional[str] = BROADCAST, rotation: Optional[str] = ROTATION, init: Optional[str] = INIT,
+    vera_seed: Optional[int] = VERA_SEED, sparse_lambda: Optional[float] = SPARSE_LAMBDA,
+    sparse_lambda_2: Optional[float] = SPARSE_LAMBDA_2, max_lambda: Optional[float] = MAX_LAMBDA,
+    lambda_stages: Optional[int] = LAMBDA_STAGES, rank_first: Optional[int] = RANK_FIRST,
+    rank_last: Optional[int] = RANK_LAST, prune_every: Optional[int] = PRUNE_EVERY,
+    prune_fraction: Optional[float] = PRUNE_FRACTION, max_sparsity: Optional[float] = MAX_SPARSITY,
+    chat_format: str = typer.Option(TrainArgs.chat_format, "--chat-format", help="'tulu', 'template' (the tokenizer's) or 'auto'."),
+    max_seq_len: int = typer.Option(TrainArgs.max_seq_len, "--max-seq-len", help="Truncate examples to this many tokens."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed lines instead of stopping."),
-    lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
-    lr_shared: Optional[float] = typer.Option(None, "--lr-shared", help="Learning rate of the shared chunks (default: --lr)."),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Linear warm-up, as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    max_grad_norm: float = typer.Option(0.3, "--max-grad-norm"),
-    optim: str = typer.Option("paged_adamw_32bit", "--optim", help="'paged_adamw_32bit' (bitsandbytes) or 'adamw' (torch)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per device per micro-batch."),
-    grad_accum: int = typer.Option(4, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(TrainArgs.lr, "--lr", help="Learning rate."),
+    lr_shared: Optional[float] = typer.Option(None, "--lr-shared", help="Learning rate of shared tensors (default: --lr)."),
+    warmup_ratio: float = typer.Option(TrainArgs.warmup_ratio, "--warmup-ratio", help="Linear warm-up, as a fraction of the steps."),
+    weight_decay: float = typer.Option(TrainArgs.weight_decay, "--weight-decay"),
+    max_grad_norm: float = typer.Option(TrainArgs.max_grad_norm, "--max-grad-norm"),
+    optim: str = typer.Option(TrainArgs.optim, "--optim", help="'paged_adamw_32bit' (bitsandbytes) or 'adamw' (torch)."),
+    batch_size: int = typer.Option(TrainArgs.batch_size, "--batch-size", help="Sequences per device per micro-batch."),
+    grad_accum: int = typer.Option(TrainArgs.grad_accum, "--grad-accum", help="Micro-batches per optimizer step."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    epochs: float = typer.Option(1.0, "--epochs"),
-    seed: int = typer.Option(42, "--seed"),
-    group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length"),
+    epochs: float = typer.Option(TrainArgs.epochs, "--epochs"),
+    seed: int = typer.Option(TrainArgs.seed, "--seed"),
+    group_by_length: bool = typer.Option(TrainArgs.group_by_length, "--group-by-length/--no-group-by-length"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Eval every N steps (0: at start and end only)."),
-    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: never)."),
-    save_total_limit: int = typer.Option(2, "--save-total-limit", help="Checkpoints to keep."),
-    log_every: int = typer.Option(1, "--log-every", help="Log every N steps."),
+    eval_every: int = typer.Option(TrainArgs.eval_every, "--eval-every", help="Eval every N steps (0: at start and end only)."),
+    save_every: int = typer.Option(TrainArgs.save_every, "--save-every", help="Checkpoint every N steps (0: never)."),
+    save_total_limit: int = typer.Option(TrainArgs.save_total_limit, "--save-total-limit", help="Checkpoints to keep."),
+    log_every: int = typer.Option(TrainArgs.log_every, "--log-every", help="Log every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --output."),
     device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
 ):
     """Fine-tune a model with PRoLoRA (or --method) as QLoRA on a 4-bit NF4 base, on chat JSONL."""
-    from prolora_cli.config import AdapterConfig
     from prolora_cli.console import TrainReporter
-    from prolora_cli.training import Interrupted, TrainArgs
+    from prolora_cli.training import Interrupted
     from prolora_cli.training import train as run_training
 
-    adapter = AdapterConfig.create(rank, unshared, share, share_b, targets=targets, broadcast=broadcast,
-                                   rotation=rotation, init=init, alpha=alpha, dropout=dropout,
-                                   **method_options(method, vera_seed, sparse_lambda, max_lambda, lambda_stages,
-                                                    rank_first, rank_last, prune_every, prune_fraction,
-                                                    max_sparsity))
+    adapter = AdapterConfig.create(
+        rank, method=method, targets=targets, alpha=alpha, dropout=dropout, unshared=unshared, share=share,
+        share_b=share_b, broadcast=broadcast, rotation=rotation, init=init, vera_seed=vera_seed,
+        sparse_lambda=sparse_lambda, sparse_lambda_2=sparse_lambda_2, max_lambda=max_lambda,
+        lambda_stages=lambda_stages, rank_first=rank_first, rank_last=rank_last, prune_every=prune_every,
+        prune_fraction=prune_fraction, max_sparsity=max_sparsity)
     args = TrainArgs(
         data=data, output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
         trust_remote_code=trust_remote_code, chat_format=chat_format, max_seq_len=max_seq_len,
@@ -345,7 +351,7 @@ def inspect(
     c = info["config"]
     out.print(f"[bold]{adapter}[/]: {c['method']} adapter, format {c['format_version']}, base {c['base_model'] or '?'}",
               highlight=False)
-    out.print(method_settings(c), highlight=False)
+    out.print(info["settings"], highlight=False)
     out.print(f"trainable params {info['trainable_params']:,} ({human_bytes(info['bytes_on_disk'])} on disk); "
               f"LoRA at the same ranks: {info['lora_params_same_rank']:,} "
               f"({human_bytes(info['lora_bytes_fp32_same_rank'])} in fp32), "
@@ -361,33 +367,17 @@ def inspect(
                       f"{t['params']:,}")
     out.print(table)
     table = Table(title="per module: dW = scaling * B @ A")
-    sparse = any("a_sparsity" in m for m in info["per_module"])
-    for col in ("module", "adapter rank", "||dW||_F", "rank of dW", "effective rank") + (("A pruned",) * sparse):
-        table.add_column(col, justify="right")
+    standard = ("module", "type", "in_features", "out_features", "adapter_rank", "params", "stored_values",
+                "dw_norm", "rank", "effective_rank")
+    extra = list(dict.fromkeys(k for m in info["per_module"] for k in m if k not in standard))  # the method's
+    for col in ["module", "adapter rank", "||dW||_F", "rank of dW", "effective rank"] + extra:
+        table.add_column(col.replace("_", " "), justify="right")
     for m in info["per_module"]:
         table.add_row(m["module"], str(m["adapter_rank"]), f"{m['dw_norm']:.4g}", str(m["rank"]),
-                      f"{m['effective_rank']:.2f}", *([f"{100 * m['a_sparsity']:.0f}%"] if sparse else []))
+                      f"{m['effective_rank']:.2f}", *[f"{m[k]:.3g}" if k in m else "-" for k in extra])
     out.print(table)
     if drawn:
         out.print(f"plot of {drawn} written to {plot}", highlight=False)
-
-
-def method_settings(c: dict) -> str:
-    """One line with the settings that matter for this adapter's method."""
-    common = f"alpha={c['alpha']:g} dropout={c['dropout']:g}"
-    if c["method"] == "prolora":
-        return (f"r={c['r']} u={c['u']} m={c['m']} n={c['n']} {common} broadcast={c['broadcast']} "
-                f"rotation={c['rotation']} init={c['init']}")
-    if c["method"] == "vera":
-        return f"r={c['r']} seed={c['vera_seed']} d_init={c['vera_d_init']:g} dropout={c['dropout']:g}"
-    if c["method"] == "sora":
-        left = "" if c.get("ranks") is None else f", {sum(c['ranks'].values())} ranks left in all"
-        return (f"r_max={c['r']} {common} lambda={c['sora_lambda']:g} -> {c['sora_max_lambda']:g} "
-                f"in {c['sora_stages']} stages{left}")
-    if c["method"] == "prilora":
-        return (f"r={c['r']} ranks {c.get('rank_first') or '-'}..{c.get('rank_last') or '-'} by depth, {common}, "
-                f"prune {c['prune_fraction']:g} every {c['prune_every']} steps up to {c['max_sparsity']:g}")
-    return f"r={c['r']} {common}"
 
 
 def _version(value: bool) -> None:

@@ -6,68 +6,24 @@ tensors its modules share), `adapter_state`/`load_state` move every saved tensor
 
 from __future__ import annotations
 
-import re
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from prolora_cli.adapters.base import AdapterLayer
-from prolora_cli.config import AdapterConfig
+from prolora_cli.config import ALL_TARGETS, AdapterConfig
 from prolora_cli.errors import UserError
-
-_BLOCK = re.compile(r"\.(\d+)\.")
-
-
-def block_index(path: str) -> int:
-    """The transformer block a module belongs to: 'model.layers.3.mlp.up_proj' -> 3."""
-    m = _BLOCK.search(f".{path}.")
-    return int(m.group(1)) if m else 0
 
 
 def build_layers(cfg: AdapterConfig, bases: dict[str, nn.Module]) -> dict[str, AdapterLayer]:
-    """One adapter layer per base linear layer, by module path; tensors shared across modules
-    (VeRA's projections, Tied-LoRA's A and B) are created once here and handed to each layer."""
-    from prolora_cli.adapters import prilora, sora, tied_lora, vera
-    from prolora_cli.adapters.prolora import PRoLoRALinear
-
-    def device_of(base):
-        w = getattr(base, "weight", None)
-        return w.device if w is not None and w.device.type != "meta" else None
-
-    layers, shared = {}, {}
-    num_blocks = max((block_index(p) for p in bases), default=0) + 1
+    """One adapter layer per base linear layer, by module path, built by the config's method."""
     for path, base in bases.items():
-        h, o = base.in_features, base.out_features
-        cfg.check(h, o)
-        kind = path.rsplit(".", 1)[-1]
-        if cfg.method in ("prolora", "lora") or (cfg.method == "sora" and cfg.ranks is not None):
-            r = cfg.r if cfg.ranks is None else cfg.ranks[path]
-            if r == 0:
-                continue  # a SoRA module whose every gate closed: no update at all
-            kwargs = cfg.layer_kwargs() | dict(r=r, u=r if cfg.method != "prolora" else cfg.u)
-            layer = PRoLoRALinear(base, **kwargs, scaling=cfg.scaling)
-        elif cfg.method == "vera":
-            key = (h, o)
-            if key not in shared:
-                shared[key] = vera.projections(h, o, cfg.r, cfg.vera_seed, device_of(base))
-            layer = vera.VeRALinear(base, cfg.r, shared[key], cfg.vera_d_init, cfg.dropout)
-        elif cfg.method == "tied-lora":
-            group = tied_lora.group_of(kind)
-            if group not in shared:
-                o_max = max(b.out_features for p, b in bases.items()
-                            if tied_lora.group_of(p.rsplit(".", 1)[-1]) == group)
-                shared[group] = tied_lora.shared_params(h, o_max, cfg.r, device_of(base))
-            layer = tied_lora.TiedLoRALinear(base, cfg.r, group, shared[group], cfg.alpha, cfg.dropout)
-        elif cfg.method == "sora":
-            layer = sora.SoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.sora_lambda,
-                                    cfg.sora_max_lambda, cfg.sora_stages)
-        else:  # prilora
-            r = (cfg.ranks[path] if cfg.ranks is not None
-                 else prilora.rank_ramp(*cfg.prilora_ranks, num_blocks)[block_index(path)])
-            layer = prilora.PRILoRALinear(base, r, cfg.scaling, cfg.dropout, cfg.prune_every,
-                                          cfg.prune_fraction, cfg.max_sparsity)
-        layers[path] = layer
-    return layers
+        try:
+            cfg.check(base.in_features, base.out_features)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    return cfg.impl.build_layers(cfg, bases)
 
 
 def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
@@ -157,44 +113,52 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     load_layers_state(adapter_layers(model), state)
 
 
+def attach(model: nn.Module, cfg: AdapterConfig, state: dict[str, torch.Tensor]) -> dict[str, AdapterLayer]:
+    """Inject the layers a config describes and load their tensors (naming the first misfit)."""
+    layers = inject(model, cfg)
+    load_layers_state(layers, state)
+    return layers
+
+
 def saved_config(cfg: AdapterConfig, layers: dict[str, AdapterLayer]) -> AdapterConfig:
-    """The config to write beside these layers: module sizes, and ranks where they vary."""
-    from dataclasses import replace
-
+    """The config to write beside these layers: module sizes, and what the method records."""
     modules = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}
-    ranks = cfg.ranks
-    if cfg.method == "prilora":
-        ranks = {name: layer.r for name, layer in layers.items()}
-    return replace(cfg, modules=modules, ranks=ranks)
+    return replace(cfg, modules=modules, settings=cfg.impl.record(cfg, layers))
 
 
-def finalize(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
-    """The adapter a finished run saves. SoRA: remove the ranks whose gate is zero, fold the gate
-    into B, and leave a plain LoRA of its own rank per module (none where every gate closed).
-    Other methods are saved as trained. Returns the config that describes the result."""
-    from dataclasses import replace
-
-    from prolora_cli.adapters.sora import SoRALinear
-
+def finalize(model: nn.Module, cfg: AdapterConfig) -> tuple[AdapterConfig, str | None]:
+    """Swap in the layers a finished run saves (SoRA: its compacted LoRA), and return the config
+    that describes them, with a line for the user if the method has one."""
     layers = adapter_layers(model)
-    if cfg.method != "sora" or cfg.ranks is not None:
-        return cfg
-    ranks, compact = {}, {}
-    for name, layer in layers.items():
-        assert isinstance(layer, SoRALinear)
-        a, b = layer.compact()
-        ranks[name] = a.shape[0]
-        compact[name] = (layer, a, b)
-    done = replace(cfg, ranks=ranks)
-    remove_adapters(model)
-    new_layers = inject(model, done)
-    with torch.no_grad():
-        for name, layer in new_layers.items():
-            old, a, b = compact[name]
-            layer.A_unshared.copy_(a)
-            layer.B_unshared.copy_(b)
-            layer.train(old.training)
-    return done
+    done, final, message = cfg.impl.finalize(cfg, layers)
+    if final is not layers:
+        remove_adapters(model)
+        for name, layer in final.items():
+            parent, _, child = name.rpartition(".")
+            layer.train(layers[name].training)
+            model.get_submodule(parent).register_module(child, layer)
+    return done, message
+
+
+def standalone_layers(cfg: AdapterConfig, state: dict) -> dict:
+    """Rebuild each adapted module from the adapter alone (no base model): {path: AdapterLayer}.
+
+    The base layers are meta-device stand-ins that only carry the sizes, which the config records
+    per module (for adapters older than that record, the method reads them off its tensors).
+    """
+    def natural(path):  # layers.2 before layers.10, projections in LLaMA's order
+        parts = path.split(".")
+        kind = ALL_TARGETS.index(parts[-1]) if parts[-1] in ALL_TARGETS else len(ALL_TARGETS)
+        return [int(p) if p.isdigit() else -1 for p in parts[:-1]], kind, path
+
+    sizes = cfg.modules if cfg.modules is not None else cfg.impl.legacy_module_sizes(state)
+    if sizes is None:
+        raise UserError("the adapter config records no module sizes (\"modules\")")
+    bases = {p: nn.Linear(h, o, bias=False, device="meta") for p, (h, o) in sorted(sizes.items(),
+                                                                                   key=lambda kv: natural(kv[0]))}
+    layers = build_layers(cfg, bases)
+    load_layers_state(layers, state)
+    return layers
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -29,7 +29,7 @@ def effective_rank(sv) -> float:
 
 def inspect_adapter(folder: str | Path) -> dict:
     from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
-    from prolora_cli.peft_format import standalone_layers
+    from prolora_cli.inject import standalone_layers
 
     folder = Path(folder)
     cfg, state = read_config(folder), read_tensors(folder)
@@ -40,20 +40,18 @@ def inspect_adapter(folder: str | Path) -> dict:
     for path, layer in layers.items():
         sv = singular_values(layer)
         tol = float(sv.max()) * 1e-6 if sv.numel() else 0.0
-        own = {k: v for k, v in layer.state().items() if v.is_floating_point() and k != "input_norm_sq"}
         shared_ids = {id(v) for v in layer.shared_state().values()}
-        params = sum(p.numel() for n, p in layer.named_parameters()
-                     if not n.startswith("base_layer.") and id(p) not in shared_ids)
-        stored = sum(v.numel() for v in own.values())
+        own = {n: p for n, p in layer.named_parameters()
+               if not n.startswith("base_layer.") and id(p) not in shared_ids}
+        params = sum(p.numel() for p in own.values())
+        stored = sum(v.numel() for v in layer.state().values() if v.is_floating_point())
         rank = layer.rank
         lora = rank * (layer.in_features + layer.out_features)
         kind = path.rsplit(".", 1)[-1]
         row = dict(module=path, type=kind, in_features=layer.in_features, out_features=layer.out_features,
                    adapter_rank=rank, params=params, stored_values=stored,
                    dw_norm=float(sv.square().sum().sqrt()), rank=int((sv > tol).sum()) if tol else 0,
-                   effective_rank=effective_rank(sv))
-        if hasattr(layer, "sparsity"):
-            row["a_sparsity"] = layer.sparsity
+                   effective_rank=effective_rank(sv), **layer.stats())
         modules.append(row)
         t = by_type.setdefault(kind, dict(type=kind, modules=0, in_features=layer.in_features,
                                           out_features=layer.out_features, params=0, lora_params=0,
@@ -64,7 +62,7 @@ def inspect_adapter(folder: str | Path) -> dict:
     total = sum(m["params"] for m in modules) + sum(v.numel() for v in shared.values())
     lora_total = sum(t["lora_params"] for t in by_type.values())
     return {
-        "adapter": str(folder), "method": cfg.method, "format_version": 1,
+        "adapter": str(folder), "method": cfg.method, "settings": cfg.impl.describe(cfg),
         "config": cfg.to_dict(),
         "trainable_params": total, "lora_params_same_rank": lora_total,
         "savings_vs_lora": lora_total / total if total else float("nan"),
@@ -87,7 +85,7 @@ def plot_module(folder: str | Path, module: str | None, path: str | Path) -> str
     from prolora_cli.adapter_files import read_config, read_tensors
     from prolora_cli.errors import UserError
     from prolora_cli.fileio import atomic_path
-    from prolora_cli.peft_format import standalone_layers
+    from prolora_cli.inject import standalone_layers
 
     layers = standalone_layers(read_config(folder), read_tensors(folder))
     if module is None:

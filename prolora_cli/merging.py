@@ -75,7 +75,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
 
     from prolora_cli.adapter_files import read_config, read_tensors
     from prolora_cli.fileio import atomic_dir, check_output_free
-    from prolora_cli.inject import adapter_layers, inject, load_state
+    from prolora_cli.inject import adapter_layers, attach, remove_adapters
     from prolora_cli.models import load_model
 
     if dtype not in DTYPES:
@@ -96,20 +96,16 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     if base == "nf4":
         round_through_nf4(lm)
     lm = lm.to(torch_dtype)
-    inject(lm, cfg)
-    load_state(lm, state)  # names the first module that does not fit this base
+    attach(lm, cfg, state)  # names the first module that does not fit this base
     lm.eval()
     probes = probe_inputs(tokenizer, lm.config.vocab_size)
     reference = logits(lm, probes)
 
     # One layer's dW at a time, then the wrapper goes and the plain Linear takes its place.
     layers = adapter_layers(lm)
-    for name, layer in layers.items():
-        weight = layer.base_layer.weight
-        with torch.no_grad():
-            weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
-        parent, _, child = name.rpartition(".")
-        lm.get_submodule(parent).register_module(child, layer.base_layer)
+    for layer in layers.values():
+        layer.merge()
+    remove_adapters(lm)
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
         lm.config.use_cache = True

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: export (expand PRoLoRA exactly into plain A and B) and import (u = r)."""
+"""PEFT LoRA adapters: export (every method expands exactly into plain A and B) and import (as plain LoRA)."""
 
 from __future__ import annotations
 
@@ -8,39 +8,11 @@ from pathlib import Path
 
 from prolora_cli.config import ALL_TARGETS, AdapterConfig
 from prolora_cli.errors import UserError
+from prolora_cli.inject import layers_state, saved_config, standalone_layers
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules
-
-
-def standalone_layers(cfg: AdapterConfig, state: dict) -> dict:
-    """Rebuild each adapted module from the adapter alone (no base model): {path: AdapterLayer}.
-
-    The base layers are meta-device stand-ins that only carry the sizes, which the config records
-    per module (adapters from before that record read them off the unshared PRoLoRA tensors).
-    """
-    from torch import nn
-
-    from prolora_cli.inject import build_layers, load_layers_state
-
-    def natural(path):  # layers.2 before layers.10, projections in LLaMA's order
-        parts = path.split(".")
-        kind = ALL_TARGETS.index(parts[-1]) if parts[-1] in ALL_TARGETS else len(ALL_TARGETS)
-        return [int(p) if p.isdigit() else -1 for p in parts[:-1]], kind, path
-
-    sizes = cfg.modules
-    if sizes is None:
-        paths = {key.rsplit(".", 1)[0] for key in state}
-        try:
-            sizes = {p: [state[f"{p}.A_unshared"].shape[1], state[f"{p}.B_unshared"].shape[0]] for p in paths}
-        except KeyError as e:
-            raise UserError(f"adapter tensors are incomplete: no {e.args[0]}") from None
-    bases = {p: nn.Linear(h, o, bias=False, device="meta") for p, (h, o) in sorted(sizes.items(),
-                                                                                   key=lambda kv: natural(kv[0]))}
-    layers = build_layers(cfg, bases)
-    load_layers_state(layers, state)
-    return layers
 
 
 def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = False,
@@ -88,6 +60,7 @@ def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = Fals
     from safetensors.torch import load_file
 
     from prolora_cli.adapter_files import save_adapter_tensors
+    from prolora_cli.adapters import PLAIN_LORA, get
     from prolora_cli.fileio import atomic_dir, check_output_free
 
     peft_dir, output = Path(peft_dir), Path(output)
@@ -110,25 +83,22 @@ def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = Fals
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])
     if pc.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/sqrt(r); prolora by alpha/r
-    state, targets = {}, set()
+    factors: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
         if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise UserError(f"{weights_path}: unexpected tensor {key} (only lora_A/lora_B import)")
         path = key.removeprefix(PREFIX).rsplit(".lora_", 1)[0]
         if path.rsplit(".", 1)[-1] not in ALL_TARGETS:
             raise UserError(f"{weights_path}: module {path} is not a LLaMA projection prolora adapts")
-        targets.add(path.rsplit(".", 1)[-1])
-        if key.endswith("lora_A.weight"):
-            state[f"{path}.A_unshared"] = value.float()
-            state[f"{path}.A_shared"] = value.new_zeros((0, value.shape[1])).float()
-        else:
-            state[f"{path}.B_unshared"] = value.float()
-            state[f"{path}.B_shared"] = value.new_zeros((value.shape[0], 0)).float()
-    cfg = AdapterConfig(r=r, u=r, m=1, n=1, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0.0),
-                        targets=[t for t in ALL_TARGETS if t in targets],
-                        base_model=pc.get("base_model_name_or_path") or "")
-    cfg.check()
-    standalone_layers(cfg, state)  # every module complete and of the right shape
+        role = "lora_A" if key.endswith(".lora_A.weight") else "lora_B"
+        factors.setdefault(path, {})[role] = value.float()
+    for path, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != r or pair["lora_B"].shape[1] != r:
+            raise UserError(f"{weights_path}: module {path} needs lora_A ({r} x in) and lora_B (out x {r})")
+    cfg = AdapterConfig.create(r, method=PLAIN_LORA, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0.0),
+                               targets=sorted({p.rsplit(".", 1)[-1] for p in factors}, key=ALL_TARGETS.index),
+                               base_model=pc.get("base_model_name_or_path") or "")
+    layers = get(PLAIN_LORA).from_factors(cfg, {p: (f["lora_A"], f["lora_B"]) for p, f in factors.items()})
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        save_adapter_tensors(tmp, cfg, state)
-    return {"output": str(output), "modules": len(state) // 4, "r": r, "alpha": alpha}
+        save_adapter_tensors(tmp, saved_config(cfg, layers), layers_state(layers))
+    return {"output": str(output), "modules": len(layers), "r": r, "alpha": alpha}

@@ -32,6 +32,16 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+def attach_adapter(model, folder):
+    """Put an adapter folder's layers and tensors on a model; returns its config."""
+    from prolora_cli.adapter_files import read_config, read_tensors
+    from prolora_cli.inject import attach
+
+    cfg = read_config(folder)
+    attach(model, cfg, read_tensors(folder))
+    return cfg
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run the real `prolora` entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}

@@ -32,6 +32,14 @@ def test_prolora_r8_u1_m7_has_lora_r2_budget():
     assert result["bytes_fp32"] == 4 * 4_999_520 and result["bytes_bf16"] == 2 * 4_999_520
 
 
+def test_tied_lora_rank_256_is_the_papers_4_60m():
+    # One A (256 x 4096) for q, k, v; a B (4096 x 256) per type; v (256) per block; u (4096) per module.
+    expected = 256 * 4096 + 3 * 4096 * 256 + 32 * 256 + 32 * 3 * 4096
+    result = count("--model", "llama2-7b", "--method", "tied-lora", "--rank", "256")
+    assert result["trainable_params"] == expected == 4_595_712
+    assert result["targets"] == ["q_proj", "k_proj", "v_proj"]
+
+
 def test_gqa_preset_and_local_config(tmp_path):
     result = count("--model", "llama2-70b", "--rank", "1", "--targets", "k")
     assert result["per_target"][0]["out_features"] == 1024  # 8 kv heads x 128

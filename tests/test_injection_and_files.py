@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import tiny_llama
-from prolora_cli.adapter_files import CONFIG_NAME, WEIGHTS_NAME, attach_adapter, save_adapter
+from conftest import attach_adapter, tiny_llama
+from prolora_cli.adapter_files import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from prolora_cli.arch import from_config_dict
 from prolora_cli.config import AdapterConfig
 from prolora_cli.errors import UserError
@@ -28,7 +28,7 @@ def randomize_adapters(model, seed=1):
 
 def test_inject_counts_match_planner_and_freeze_the_rest():
     model = tiny_llama()
-    cfg = AdapterConfig.create(8, 1, 3, 5)
+    cfg = AdapterConfig.create(8, unshared=1, share=3, share_b=5)
     layers = inject(model, cfg)
     assert len(layers) == 2 * 7
     trainable, _ = count_trainable(model)
@@ -44,7 +44,7 @@ def test_whole_model_matches_peft_lora_with_the_expanded_matrices():
 
     base = tiny_llama()
     reference = copy.deepcopy(base)
-    cfg = AdapterConfig.create(8, 2, 3, 5, dropout=0.0, alpha=16)
+    cfg = AdapterConfig.create(8, unshared=2, share=3, share_b=5, dropout=0.0, alpha=16)
     inject(base, cfg)
     randomize_adapters(base)
     reference = get_peft_model(reference, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -62,7 +62,7 @@ def test_whole_model_matches_peft_lora_with_the_expanded_matrices():
 
 def test_a_training_step_changes_only_the_adapter():
     model = tiny_llama().train()
-    inject(model, AdapterConfig.create(8, 1, 7, dropout=0.0))
+    inject(model, AdapterConfig.create(8, unshared=1, share=7, dropout=0.0))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter_before = {k: v.clone() for k, v in adapter_state(model).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -85,13 +85,13 @@ def test_a_training_step_changes_only_the_adapter():
 
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_llama()
-    cfg = AdapterConfig.create(8, 1, 3, 5, base_model="tiny", rotation="hidden")
+    cfg = AdapterConfig.create(8, unshared=1, share=3, share_b=5, base_model="tiny", rotation="hidden")
     inject(model, cfg)
     randomize_adapters(model)
     save_adapter(tmp_path / "ad", cfg, model)
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     stored = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
-    assert stored["format"] == "prolora" and stored["format_version"] == 1
+    assert stored["format"] == "prolora" and stored["format_version"] == 2
     assert (stored["r"], stored["u"], stored["m"], stored["n"]) == (8, 1, 3, 5)
 
     fresh = tiny_llama()
@@ -108,7 +108,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 def test_mismatched_base_names_the_module(tmp_path):
     model = tiny_llama()
-    cfg = AdapterConfig.create(4, 1, 2)
+    cfg = AdapterConfig.create(4, unshared=1, share=2)
     inject(model, cfg)
     save_adapter(tmp_path / "ad", cfg, model)
     other = tiny_llama(intermediate_size=72)
@@ -118,7 +118,7 @@ def test_mismatched_base_names_the_module(tmp_path):
 
 def test_corrupted_and_missing_files_give_clear_errors(tmp_path):
     model = tiny_llama()
-    cfg = AdapterConfig.create(4, 1, 2)
+    cfg = AdapterConfig.create(4, unshared=1, share=2)
     inject(model, cfg)
     folder = save_adapter(tmp_path / "ad", cfg, model)
     data = (folder / WEIGHTS_NAME).read_bytes()
@@ -141,8 +141,42 @@ def test_corrupted_and_missing_files_give_clear_errors(tmp_path):
 
 
 def test_config_validation_rejects_bad_values():
-    good = AdapterConfig.create(8, 1, 7).to_dict()
+    good = AdapterConfig.create(8, unshared=1, share=7).to_dict()
     for key, value, msg in [("u", 9, "unshared"), ("targets", ["q", "zz"], "unknown target"),
                             ("r", "8", "wrong type"), ("rotation", "diag", "rotation")]:
         with pytest.raises(UserError, match=msg):
             AdapterConfig.from_dict({**good, key: value})
+
+
+# What prolora 0.1 wrote (format 1): every method's fields in one flat object.
+V1 = {"format": "prolora", "format_version": 1, "r": 8, "u": 1, "m": 7, "n": 7, "alpha": 16.0, "dropout": 0.1,
+      "broadcast": "hidden", "rotation": "rank", "init": "rectified", "targets": ["q_proj", "v_proj"],
+      "base_model": "tiny", "method": "prolora", "vera_seed": 0, "vera_d_init": 0.1, "sora_lambda": 1e-4,
+      "sora_max_lambda": 5e-4, "sora_stages": 5, "rank_first": None, "rank_last": None, "prune_every": 50,
+      "prune_fraction": 0.05, "max_sparsity": 0.5, "modules": None, "ranks": None}
+
+
+def test_format_1_adapters_still_read_or_say_how_to_convert():
+    cfg = AdapterConfig.from_dict(V1)
+    assert cfg == AdapterConfig.create(8, unshared=1, targets="q,v", base_model="tiny")
+    sora = AdapterConfig.from_dict({**V1, "method": "sora", "u": 8, "m": 1, "n": 1,
+                                    "ranks": {"model.layers.0.self_attn.q_proj": 3}})
+    s = sora.settings
+    assert (s.sparse_lambda, s.sparse_lambda_2, s.max_lambda, s.lambda_stages) == (0.0, 1e-4, 5e-4, 5)
+    assert s.ranks == {"model.layers.0.self_attn.q_proj": 3}
+    for method in ("vera", "tied-lora"):
+        with pytest.raises(UserError, match="prolora export --format peft"):
+            AdapterConfig.from_dict({**V1, "method": method, "u": 8, "m": 1, "n": 1})
+
+
+def test_no_module_outside_adapters_names_a_method():
+    """Adding a method is one new file under adapters/ plus a registry line (docs/architecture.md)."""
+    import re
+    from pathlib import Path
+
+    import prolora_cli
+
+    pattern = re.compile(r'"(lora|sora|prilora|vera|tied-lora)"|method *(==|!=|in) ')
+    found = [f"{p.name}:{i}" for p in Path(prolora_cli.__file__).parent.glob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

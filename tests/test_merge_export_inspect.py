@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, run_cli
-from prolora_cli.adapter_files import WEIGHTS_NAME, attach_adapter, save_adapter
-from prolora_cli.config import AdapterConfig
+from conftest import assert_one_line_error, attach_adapter, run_cli
+from prolora_cli.adapter_files import WEIGHTS_NAME, save_adapter
+from prolora_cli.config import FORMAT_VERSION, AdapterConfig
 from prolora_cli.inject import adapter_layers, inject
 from prolora_cli.merging import merge_adapter
 
@@ -162,7 +162,8 @@ def test_import_a_real_peft_adapter_and_round_trip(tiny_model_dir, tmp_path):
         theirs = peft_model.eval()(IDS).logits
     assert run_cli("import", "--peft", tmp_path / "peft", "--output", tmp_path / "ours").returncode == 0
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert (cfg["r"], cfg["u"], cfg["alpha"]) == (4, 4, 8) and cfg["targets"] == ["q_proj", "v_proj", "down_proj"]
+    assert (cfg["method"], cfg["r"], cfg["alpha"]) == ("lora", 4, 8)
+    assert cfg["targets"] == ["q_proj", "v_proj", "down_proj"]
     torch.testing.assert_close(adapted_logits(tiny_model_dir, tmp_path / "ours"), theirs, rtol=0, atol=1e-5)
     # and back: export of the import is the original adapter, tensor for tensor
     assert run_cli("export", "--adapter", tmp_path / "ours", "--output", tmp_path / "again").returncode == 0
@@ -226,8 +227,8 @@ def test_inspect_rejects_non_adapters_and_newer_formats(trained_adapter, tmp_pat
     newer = tmp_path / "newer"
     newer.mkdir()
     cfg = json.loads((trained_adapter / "adapter_config.json").read_text())
-    (newer / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 2}))
+    (newer / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": FORMAT_VERSION + 1}))
     (newer / WEIGHTS_NAME).write_bytes((trained_adapter / WEIGHTS_NAME).read_bytes())
-    assert_one_line_error(run_cli("inspect", newer), "format_version 2", "upgrade")
+    assert_one_line_error(run_cli("inspect", newer), f"format_version {FORMAT_VERSION + 1}", "upgrade")
     assert_one_line_error(run_cli("inspect", trained_adapter, "--plot", tmp_path / "x.png", "--module", "nope"),
                           "no module 'nope'")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli, tiny_llama, tiny_llama_config
-from prolora_cli.adapter_files import attach_adapter, save_adapter
+from conftest import attach_adapter, run_cli, tiny_llama, tiny_llama_config
+from prolora_cli.adapter_files import save_adapter
 from prolora_cli.adapters.prilora import PRILoRALinear, pack_bits, rank_ramp, unpack_bits
-from prolora_cli.adapters.sora import lambda_at, soft_threshold
+from prolora_cli.adapters.sora import lambda_at, proximal_step
 from prolora_cli.arch import resolve_architecture
 from prolora_cli.config import AdapterConfig
 from prolora_cli.inject import adapter_layers, count_trainable, finalize, inject
@@ -30,10 +30,8 @@ def by_hand(method: str, r: int) -> int:
         return 2 * sum(r * (h + o) for h, o in SHAPES.values())
     if method == "vera":
         return 2 * sum(r + o for h, o in SHAPES.values())
-    if method == "tied-lora":
-        per_module = 2 * sum(o + r for h, o in SHAPES.values())
-        groups = r * 40 + 40 * r + r * 40 + 40 * r + 2 * (r * 40 + 70 * r) + r * 70 + 40 * r  # qkv, o, gate, up, down
-        return per_module + groups
+    if method == "tied-lora":  # default targets q, k, v: one A, a B per type, v per block, u per module
+        return r * 40 + (40 + 20 + 20) * r + 2 * r + 2 * (40 + 20 + 20)
     if method == "sora":
         return 2 * sum(r * (h + o) + r for h, o in SHAPES.values())
     first, last = max(1, round(r / 2)), round(3 * r / 2)  # PRILoRA: block 0 at r/2, block 1 at 3r/2
@@ -95,7 +93,7 @@ def test_merge_save_load_and_peft_export_are_exact(method, tmp_path):
     torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=1e-5)
 
     # Save and load into a fresh model.
-    cfg = finalize(model, cfg)
+    cfg, _ = finalize(model, cfg)
     torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=1e-5)
     save_adapter(tmp_path / "ad", cfg, model)
     stored = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
@@ -111,35 +109,84 @@ def test_merge_save_load_and_peft_export_are_exact(method, tmp_path):
     torch.testing.assert_close(logits(peft_model), unmerged, rtol=0, atol=1e-5)
 
 
-def test_vera_projections_are_shared_per_shape_and_not_saved(tmp_path):
+def test_vera_is_peft_vera_given_the_same_seed_and_vectors(tmp_path):
+    """One frozen pair for the model, sized to the largest in/out and sliced per module, drawn as
+    PEFT's VeraModel draws it: same seed, same matrices, same outputs."""
+    from peft import VeraConfig, get_peft_model
+
     model = tiny_llama()
     layers = inject(model, config("vera", r=16))
-    q0, q1 = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.self_attn.q_proj"]
-    o0 = layers["model.layers.0.self_attn.o_proj"]  # same 40 -> 40 shape as q
-    k0 = layers["model.layers.0.self_attn.k_proj"]
-    assert q0.vera_A is q1.vera_A and q0.vera_A is o0.vera_A and q0.vera_B is not k0.vera_B
+    q0, k1 = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
+    assert q0.vera_A is k1.vera_A and q0.vera_A.shape == (16, 70) and q0.vera_B.shape == (70, 16)
     assert torch.all(q0.vera_d == 0.1) and torch.all(q0.vera_b == 0)
+    randomize(model)
+    reference = get_peft_model(tiny_llama(), VeraConfig(r=16, target_modules=list(SHAPES), vera_dropout=0.0,
+                                                        projection_prng_key=0, d_initial=0.1))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            peft_layer = reference.base_model.model.get_submodule(name)
+            assert torch.equal(peft_layer.vera_A["default"], layer.vera_A)  # drawn identically
+            assert torch.equal(peft_layer.vera_B["default"], layer.vera_B)
+            peft_layer.vera_lambda_d["default"].copy_(layer.vera_d)
+            peft_layer.vera_lambda_b["default"].copy_(layer.vera_b)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=1e-5)
     save_adapter(tmp_path / "ad", config("vera", r=16), model)
     from safetensors.torch import load_file
 
     assert {k.rsplit(".", 1)[1] for k in load_file(tmp_path / "ad" / "adapter.safetensors")} == {"vera_d", "vera_b"}
 
 
-def test_tied_lora_ties_q_k_v_across_blocks_and_handles_gqa():
+def test_tied_lora_ties_as_the_paper_and_handles_gqa():
     layers = inject(tiny_llama(), config("tied-lora"))
-    q, k, v = (layers[f"model.layers.{b}.self_attn.{p}"] for b, p in ((0, "q_proj"), (1, "k_proj"), (0, "v_proj")))
-    assert q.tied_A is k.tied_A is v.tied_A and q.tied_B is k.tied_B
-    assert q.tied_B.shape == (40, 4)  # q's height; k and v (20 wide) use its first 20 rows
-    assert k.factors()[1].shape == (20, 4)
-    assert layers["model.layers.0.mlp.up_proj"].tied_A is not q.tied_A
+    assert {p.rsplit(".", 1)[1] for p in layers} == {"q_proj", "k_proj", "v_proj"}  # the default targets
+    q0, k0, v0 = (layers[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj"))
+    q1, k1 = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
+    assert q0.tied_A is k0.tied_A is v0.tied_A is q1.tied_A       # one A for q, k, v of all blocks
+    assert q0.tied_B is q1.tied_B and k0.tied_B is k1.tied_B and q0.tied_B is not k0.tied_B  # B per type
+    assert q0.tied_v is k0.tied_v is v0.tied_v and q0.tied_v is not q1.tied_v  # v per block
+    assert k0.tied_B.shape == (20, 4) and k0.factors()[1].shape == (20, 4)      # GQA: k is narrower
+    layers = inject(tiny_llama(), config("tied-lora", targets="all"))
+    up, gate = layers["model.layers.0.mlp.up_proj"], layers["model.layers.0.mlp.gate_proj"]
+    assert up.tied_A is not gate.tied_A and up.tied_A is layers["model.layers.1.mlp.up_proj"].tied_A
 
 
-def test_sora_soft_threshold_by_hand():
-    g = torch.tensor([-0.5, -0.15, -0.05, 0.0, 0.05, 0.15, 0.5])
-    expected = torch.tensor([-0.4, -0.05, 0.0, 0.0, 0.0, 0.05, 0.4])
-    torch.testing.assert_close(soft_threshold(g, 0.1), expected)
-    # The authors' variant would also zero 0.15 -> 0.05 (it falls below lambda after subtracting).
-    assert soft_threshold(torch.tensor([0.15]), 0.1).item() == pytest.approx(0.05)
+def test_tied_lora_count_with_every_target(tmp_path):
+    r = 4
+    groups_in = 40 + 40 + 40 + 40 + 70                  # A per group: qkv, o, gate, up, down
+    outs = sum(o for h, o in SHAPES.values())          # B per type, and u per module in each block
+    expected = r * groups_in + r * outs + 2 * 5 * r + 2 * outs
+    model = tiny_llama()
+    inject(model, config("tied-lora", targets="all"))
+    tiny_llama_config().save_pretrained(tmp_path)
+    assert count_trainable(model)[0] == expected == plan(resolve_architecture(str(tmp_path)),
+                                                         config("tied-lora", targets="all"))["trainable_params"]
+
+
+def test_sora_proximal_step_is_the_authors_by_hand():
+    # Their SparseAdamW: |g| > xi loses xi, then every |g| < xi is zeroed, so (xi, 2 xi) ends at 0.
+    g = torch.tensor([-0.5, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.25, 0.5])
+    expected = torch.tensor([-0.4, 0.0, -0.1, 0.0, 0.0, 0.0, 0.1, 0.0, 0.15, 0.4])
+    torch.testing.assert_close(proximal_step(g, 0.1), expected)
+
+
+def test_sora_defaults_are_the_authors_no_schedule_run():
+    s = config("sora").settings
+    assert (s.sparse_lambda, s.sparse_lambda_2, s.lambda_stages) == (10.0, 3e-4, 1)
+
+
+def test_sora_penalty_and_no_weight_decay_on_the_gate():
+    from prolora_cli.training import TrainArgs, build_optimizer
+
+    model = tiny_llama()
+    cfg = config("sora", r=4, sparse_lambda=2.0)
+    layers = inject(model, cfg)
+    gates = torch.cat([layer.gate.detach() for layer in layers.values()])
+    penalty = cfg.impl.regularizer(cfg, layers)
+    assert penalty.item() == pytest.approx(2.0 * gates.abs().sum().item() / (14 * 4), rel=1e-6)
+    opt = build_optimizer(model, layers, TrainArgs(data=None, output=None, adapter=cfg, weight_decay=0.1))
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert decay[id(q.gate)] == 0.0 and decay[id(q.lora_A)] == 0.1
 
 
 def test_sora_lambda_moves_linearly_over_stages():
@@ -159,10 +206,10 @@ def test_sora_pruning_removes_closed_ranks_without_changing_outputs():
         for i, layer in enumerate(layers.values()):
             layer.gate[: i % 7] = 0  # 0..6 closed gates: some modules lose every rank
     before = logits(model)
-    done = finalize(model, cfg)
+    done, _ = finalize(model, cfg)
     torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-6)
     expected = {name: 6 - i % 7 for i, name in enumerate(layers)}
-    assert done.ranks == expected
+    assert done.settings.ranks == expected
     left = adapter_layers(model)
     assert set(left) == {n for n, r in expected.items() if r > 0}
     assert all(layer.A_unshared.shape[0] == expected[n] for n, layer in left.items())
@@ -170,12 +217,12 @@ def test_sora_pruning_removes_closed_ranks_without_changing_outputs():
 
 def test_sora_proximal_step_runs_after_each_optimizer_step():
     model = tiny_llama()
-    inject(model, config("sora", r=4, sora_lambda=0.3, sora_max_lambda=0.3, sora_stages=1))
+    inject(model, config("sora", r=4, sparse_lambda_2=0.3))
     layer = adapter_layers(model)["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
-        layer.gate.copy_(torch.tensor([0.1, -0.2, 0.5, -1.0]))
+        layer.gate.copy_(torch.tensor([0.1, -0.2, 0.7, -1.0]))
     layer.after_step(1, 10)
-    torch.testing.assert_close(layer.gate.detach(), torch.tensor([0.0, 0.0, 0.2, -0.7]))
+    torch.testing.assert_close(layer.gate.detach(), torch.tensor([0.0, 0.0, 0.4, -0.7]))
 
 
 def test_prilora_ranks_rise_with_depth():
@@ -225,7 +272,7 @@ def test_prilora_saves_only_the_surviving_values(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [
     ("lora", []), ("vera", ["--rank", "32", "--lr", "1e-1"]), ("tied-lora", []),
-    ("sora", ["--sparse-lambda", "1e-3", "--max-lambda", "1e-2", "--lambda-stages", "3"]),
+    ("sora", ["--sparse-lambda-2", "1e-3", "--max-lambda", "1e-2", "--lambda-stages", "3"]),
     ("prilora", ["--prune-every", "3", "--prune-fraction", "0.1"])])
 def test_train_merge_export_inspect_eval_through_the_cli(method, extra, tiny_model_dir, tmp_path):
     from peft import PeftModel
@@ -262,6 +309,6 @@ def test_train_merge_export_inspect_eval_through_the_cli(method, extra, tiny_mod
 
 def test_prolora_flags_with_another_method_exit_2(tmp_path):
     result = run_cli("count-params", "--method", "vera", "--unshared", "1")
-    assert result.returncode == 2 and "shares nothing" in result.stderr
+    assert result.returncode == 2 and "--unshared is not a setting of --method vera" in result.stderr
     result = run_cli("count-params", "--method", "dora")
     assert result.returncode == 2 and "unknown adapter method" in result.stderr

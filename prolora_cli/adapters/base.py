@@ -1,21 +1,44 @@
-"""What every adapter method shares: a frozen linear layer plus dW = scaling * B @ A.
+"""What every adapter method shares: the layer contract, the method contract, and the one merge.
 
-A method says how its own tensors make the rank-r factors A (r x h) and B (o x r); forward, dW,
-merge and unmerge follow from that, and so does exporting to plain LoRA (every method here is a
-LoRA after expansion). Methods that act between optimizer steps (SoRA's proximal step, PRILoRA's
-pruning) do it in `after_step`.
+A layer is a frozen linear layer plus dW = scaling * B @ A. A method says how its own tensors make
+the rank-r factors A (r x h) and B (o x r); forward, dW, merge and unmerge follow from that, and so
+does exporting to plain LoRA (every method here is a LoRA after expansion).
+
+A method (`Method`) is everything else the package needs to know about it, behind one object: its
+own settings, how to build its layers on a model, how to count its parameters from an architecture,
+what `inspect` says about it, and its training hooks. `adapters/__init__.py` finds methods by name;
+nothing outside this package knows which method it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, ClassVar, Optional
+
 import torch
 from torch import nn
+
+from prolora_cli.errors import UserError
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """W0 + dW (or - dW), added in fp32 (fp64 for fp64 weights) and rounded once to the weight's
+    dtype: the one merge, used by layers and by `prolora merge` alike."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)
 
 
 class AdapterLayer(nn.Module):
     """Subclasses set self.scaling and implement factors(), state() and load_state()."""
 
     scaling: float = 1.0
+    # Names of this layer's parameters that the optimizer treats apart: SHARED ones take
+    # --lr-shared, NO_DECAY ones get no weight decay (a gate regularised by its own penalty).
+    SHARED: ClassVar[tuple[str, ...]] = ()
+    NO_DECAY: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module, dropout: float = 0.0):
         super().__init__()
@@ -54,6 +77,10 @@ class AdapterLayer(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; `step` counts from 1."""
 
+    def stats(self) -> dict[str, float]:
+        """Method-specific numbers `inspect` shows per module (PRILoRA: the share of A pruned)."""
+        return {}
+
     # --- what follows from it ---------------------------------------------------------------
     @property
     def rank(self) -> int:
@@ -83,22 +110,133 @@ class AdapterLayer(nn.Module):
         """Add dW into the base weight, so forward costs exactly the base's."""
         if not self.merged:
             weight = self._full_precision_weight()
-            weight += self.delta_weight().to(weight.dtype)
+            weight.copy_(merged_weight(weight, self.delta_weight()))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             weight = self._full_precision_weight()
-            weight -= self.delta_weight().to(weight.dtype)
+            weight.copy_(merged_weight(weight, self.delta_weight(), sign=-1))
             self.merged = False
 
 
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """PyTorch's default Linear/LoRA init (leaky-ReLU gain, a=sqrt(5)) with an explicit fan-in."""
-    import math
-
     gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
     bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def block_index(path: str) -> int:
+    """The transformer block a module belongs to: 'model.layers.3.mlp.up_proj' -> 3."""
+    numbers = [int(p) for p in path.split(".") if p.isdigit()]
+    return numbers[0] if numbers else 0
+
+
+def _fits(value, hint) -> bool:
+    """isinstance against a settings field's annotation (Optional[...], int, float, str, dict)."""
+    if hint is Any:
+        return True
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+@dataclasses.dataclass
+class Settings:
+    """A method's own settings. Field names are its keys in adapter_config.json; FLAGS maps the
+    command-line flags that set them (underscored) to those fields."""
+
+    FLAGS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_flags(cls, r: int, flags: dict, method: str) -> "Settings":
+        values = {}
+        for flag, value in flags.items():
+            if flag not in cls.FLAGS:
+                raise UserError(f"--{flag.replace('_', '-')} is not a setting of --method {method}")
+            values[cls.FLAGS[flag]] = value
+        return cls(**values).resolve(r)
+
+    @classmethod
+    def from_stored(cls, d: dict, r: int, source: str) -> "Settings":
+        hints = typing.get_type_hints(cls)
+        values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        for key, value in values.items():
+            if not _fits(value, hints[key]):
+                raise UserError(f"{source}: {key} has the wrong type ({value!r})")
+        return cls(**values).resolve(r)
+
+    def resolve(self, r: int) -> "Settings":
+        """Fill in the defaults that depend on the rank."""
+        return self
+
+    def check(self, r: int, h: Optional[int] = None, o: Optional[int] = None) -> None:
+        """Raise UserError if these settings cannot build a layer (of size h -> o, when given)."""
+
+    def to_stored(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def format_1_refused(source: str, title: str, why: str) -> UserError:
+    """The error for a format-1 adapter that this version builds differently, with the way out."""
+    return UserError(f"{source}: this {title} adapter was saved by prolora 0.1, {why}; convert it with "
+                     f"prolora 0.1's `prolora export --format peft` and `prolora import`, or retrain it")
+
+
+class Method:
+    """One adapter method, as the rest of the package sees it. Subclass it in the method's file
+    and export an instance as METHOD; register the module in adapters/__init__.py."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""                             # how people write it: "PRoLoRA"
+    Settings: ClassVar[type] = Settings
+    default_targets: ClassVar[Optional[tuple[str, ...]]] = None   # None: every projection
+    note: ClassVar[Optional[str]] = None                  # printed under count-params
+    fit_budget = None  # optional: (shapes, num_layers, budget, max_rank, top) -> rows
+
+    def settings(self, r: int, flags: dict) -> Settings:
+        return self.Settings.from_flags(r, flags, self.name)
+
+    def read_settings(self, d: dict, version: int, source: str) -> Settings:
+        """This method's settings from a stored adapter_config.json of format `version`."""
+        return self.Settings.from_stored(d, d["r"], source)
+
+    def build_layers(self, cfg, bases: dict[str, nn.Module]) -> dict[str, AdapterLayer]:
+        """One layer per base linear layer, by module path; tensors shared across modules are
+        created here, once, and handed to each layer."""
+        raise NotImplementedError
+
+    def count(self, cfg, shapes: dict[str, tuple[int, int]], num_layers: int) -> tuple[dict[str, list[int]], int]:
+        """From an architecture alone: trainable numbers of each target's module in each block,
+        and the trainable numbers shared by several modules."""
+        raise NotImplementedError
+
+    def describe(self, cfg) -> str:
+        """One line with the settings that matter for this method."""
+        return f"r={cfg.r} alpha={cfg.alpha:g} dropout={cfg.dropout:g}"
+
+    def regularizer(self, cfg, layers: dict[str, AdapterLayer]) -> Optional[torch.Tensor]:
+        """A penalty added to the training loss of every micro-batch (SoRA's L1 on its gates)."""
+        return None
+
+    def record(self, cfg, layers: dict[str, AdapterLayer]) -> Settings:
+        """The settings to save beside these layers (e.g. ranks chosen per module)."""
+        return cfg.settings
+
+    def finalize(self, cfg, layers: dict[str, AdapterLayer]) -> tuple[Any, dict[str, AdapterLayer], Optional[str]]:
+        """What a finished run saves: (config, layers, a line for the user). SoRA compacts here."""
+        return cfg, layers, None
+
+    def legacy_module_sizes(self, state: dict) -> Optional[dict]:
+        """Module sizes of an old adapter whose config does not record them, read off its tensors."""
+        return None

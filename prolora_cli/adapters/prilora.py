@@ -11,21 +11,20 @@ The saved A holds only the surviving values and a bit mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 from torch import nn
 
-from prolora_cli.adapters.base import AdapterLayer, kaiming_uniform_
+from prolora_cli.adapters.base import AdapterLayer, Method, Settings, block_index, kaiming_uniform_
+from prolora_cli.errors import UserError
 
 
 def rank_ramp(r_first: int, r_last: int, num_layers: int) -> list[int]:
     if num_layers == 1:
         return [round((r_first + r_last) / 2)]
     return [round(r_first + (r_last - r_first) * i / (num_layers - 1)) for i in range(num_layers)]
-
-
-def count_params(h: int, o: int, r: int) -> int:
-    """Trainable numbers of one block's module at rank r, before pruning."""
-    return r * (h + o)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -86,6 +85,9 @@ class PRILoRALinear(AdapterLayer):
     def sparsity(self) -> float:
         return float((~self.mask).float().mean())
 
+    def stats(self) -> dict:
+        return {"a_sparsity": self.sparsity}
+
     def state(self):
         return {"A_values": self.lora_A[self.mask], "A_mask": pack_bits(self.mask), "lora_B": self.lora_B,
                 "input_norm_sq": self.input_norm_sq}
@@ -109,3 +111,56 @@ class PRILoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, sparsity={self.sparsity:.2f}"
+
+
+@dataclass
+class PRILoRASettings(Settings):
+    rank_first: Optional[int] = None   # rank of the first block; default r/2
+    rank_last: Optional[int] = None    # rank of the last block; default 3r/2
+    prune_every: int = 50              # prune A every N optimizer steps (0: never)
+    prune_fraction: float = 0.05       # share of each row of A pruned each time
+    max_sparsity: float = 0.5          # stop pruning a row at this share
+    ranks: Optional[dict] = None       # written when saving: the rank of each module
+
+    FLAGS = {k: k for k in ("rank_first", "rank_last", "prune_every", "prune_fraction", "max_sparsity")}
+
+    def resolve(self, r: int) -> "PRILoRASettings":
+        first = self.rank_first if self.rank_first is not None else max(1, round(r / 2))
+        last = self.rank_last if self.rank_last is not None else round(3 * r / 2)
+        return replace(self, rank_first=first, rank_last=last)
+
+    def check(self, r, h=None, o=None) -> None:
+        if min(self.rank_first, self.rank_last) < 1:
+            raise UserError(f"PRILoRA ranks must be >= 1, got {self.rank_first} and {self.rank_last}")
+        if not (0 <= self.prune_fraction <= 1 and 0 <= self.max_sparsity < 1 and self.prune_every >= 0):
+            raise UserError("PRILoRA needs 0 <= --prune-fraction <= 1, 0 <= --max-sparsity < 1, --prune-every >= 0")
+
+
+class PRILoRA(Method):
+    name, title = "prilora", "PRILoRA"
+    Settings = PRILoRASettings
+    note = "PRILoRA before pruning; the saved A keeps (1 - max sparsity) of its entries."
+
+    def build_layers(self, cfg, bases):
+        s = cfg.settings
+        num_blocks = max((block_index(p) for p in bases), default=0) + 1
+        ramp = rank_ramp(s.rank_first, s.rank_last, num_blocks)
+        return {path: PRILoRALinear(base, s.ranks[path] if s.ranks else ramp[block_index(path)],
+                                    cfg.alpha / cfg.r, cfg.dropout, s.prune_every, s.prune_fraction,
+                                    s.max_sparsity) for path, base in bases.items()}
+
+    def count(self, cfg, shapes, num_layers):
+        ramp = rank_ramp(cfg.settings.rank_first, cfg.settings.rank_last, num_layers)
+        return {t: [r * (h + o) for r in ramp] for t, (h, o) in shapes.items()}, 0
+
+    def describe(self, cfg) -> str:
+        s = cfg.settings
+        return (f"r={cfg.r} ranks {s.rank_first}..{s.rank_last} by depth, alpha={cfg.alpha:g} "
+                f"dropout={cfg.dropout:g}, prune {s.prune_fraction:g} every {s.prune_every} steps "
+                f"up to {s.max_sparsity:g}")
+
+    def record(self, cfg, layers):
+        return replace(cfg.settings, ranks={path: layer.r for path, layer in layers.items()})
+
+
+METHOD = PRILoRA()

@@ -11,10 +11,15 @@ them to length. u = r is exactly LoRA.
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 from torch import nn
 
-from prolora_cli.adapters.base import AdapterLayer, kaiming_uniform_
+from prolora_cli.adapters.base import AdapterLayer, Method, Settings, kaiming_uniform_
+from prolora_cli.errors import UserError
 
 BROADCASTS = ("hidden", "rank")
 ROTATIONS = ("rank", "hidden", "none")
@@ -86,9 +91,10 @@ def expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str = "
     return a_idx, b_idx
 
 
-def validate(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str, rotation: str,
-             init: str) -> None:
-    """Raise ValueError with one readable sentence if the settings cannot build a layer."""
+def validate(r: int, u: int, m: int, n: int, broadcast: str, rotation: str, init: str,
+             h: int | None = None, o: int | None = None) -> None:
+    """Raise ValueError with one readable sentence if the settings cannot build a layer
+    (of size h -> o, when the sizes are given)."""
     if r < 1:
         raise ValueError(f"rank must be >= 1, got {r}")
     if not 0 <= u <= r:
@@ -103,9 +109,9 @@ def validate(h: int, o: int, r: int, u: int, m: int, n: int, broadcast: str, rot
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if r > u:  # ratios only matter when something is shared
         a_dim, b_dim = (h, o) if broadcast == "hidden" else (r - u, r - u)
-        if m > a_dim:
+        if a_dim is not None and m > a_dim:
             raise ValueError(f"sharing ratio m={m} is larger than the dimension it splits ({a_dim})")
-        if n > b_dim:
+        if b_dim is not None and n > b_dim:
             raise ValueError(f"sharing ratio n={n} is larger than the dimension it splits ({b_dim})")
 
 
@@ -118,6 +124,7 @@ class PRoLoRALinear(AdapterLayer):
     """
 
     TENSORS = ("A_shared", "A_unshared", "B_shared", "B_unshared")
+    SHARED = ("A_shared", "B_shared")
 
     def __init__(self, base_layer: nn.Module, r: int, u: int, m: int, n: int | None = None,
                  alpha: float = 16.0, dropout: float = 0.0, broadcast: str = "hidden",
@@ -125,7 +132,7 @@ class PRoLoRALinear(AdapterLayer):
         super().__init__(base_layer, dropout)
         n = m if n is None else n
         h, o = self.in_features, self.out_features
-        validate(h, o, r, u, m, n, broadcast, rotation, init)
+        validate(r, u, m, n, broadcast, rotation, init, h, o)
         self.r, self.u, self.m, self.n = r, u, m, n
         self.alpha, self.scaling = alpha, alpha / r if scaling is None else scaling
         self.broadcast, self.rotation, self.init = broadcast, rotation, init
@@ -165,3 +172,102 @@ class PRoLoRALinear(AdapterLayer):
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, u={self.u}, "
                 f"m={self.m}, n={self.n}, alpha={self.alpha}, broadcast={self.broadcast}, "
                 f"rotation={self.rotation}, init={self.init}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method, as the rest of the package sees it
+
+
+@dataclass
+class PRoLoRASettings(Settings):
+    u: Optional[int] = None   # unshared ranks; default r, i.e. plain LoRA
+    m: Optional[int] = None   # sharing ratio of A; default r - u (at least 1)
+    n: Optional[int] = None   # sharing ratio of B; default m
+    broadcast: str = "hidden"
+    rotation: str = "rank"
+    init: str = "rectified"
+
+    FLAGS = {"unshared": "u", "share": "m", "share_b": "n", "broadcast": "broadcast",
+             "rotation": "rotation", "init": "init"}
+
+    def resolve(self, r: int) -> "PRoLoRASettings":
+        u = r if self.u is None else self.u
+        m = self.m if self.m is not None else max(r - u, 1)
+        return replace(self, u=u, m=m, n=self.n if self.n is not None else m)
+
+    def check(self, r, h=None, o=None) -> None:
+        try:
+            validate(r, self.u, self.m, self.n, self.broadcast, self.rotation, self.init, h, o)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
+class PRoLoRA(Method):
+    name, title = "prolora", "PRoLoRA"
+    Settings = PRoLoRASettings
+
+    def build_layers(self, cfg, bases):
+        s = cfg.settings
+        return {path: PRoLoRALinear(base, cfg.r, s.u, s.m, s.n, cfg.alpha, cfg.dropout, s.broadcast,
+                                    s.rotation, s.init) for path, base in bases.items()}
+
+    def count(self, cfg, shapes, num_layers):
+        s = cfg.settings
+        return {t: [count_params(h, o, cfg.r, s.u, s.m, s.n, s.broadcast)] * num_layers
+                for t, (h, o) in shapes.items()}, 0
+
+    def describe(self, cfg) -> str:
+        s = cfg.settings
+        return (f"r={cfg.r} u={s.u} m={s.m} n={s.n} alpha={cfg.alpha:g} dropout={cfg.dropout:g} "
+                f"broadcast={s.broadcast} rotation={s.rotation} init={s.init}")
+
+    def legacy_module_sizes(self, state):
+        return unshared_sizes(state)
+
+    @staticmethod
+    def fit_budget(shapes: list[tuple[int, int]], layers: int, budget: int, max_rank: int = 64,
+                   top: int = 15) -> list[dict]:
+        """The best setting (r, u, m = n) within `budget` for each rank, highest rank first.
+
+        For each r: the most unshared ranks u that fit (partial sharing helps, per the paper), then
+        the smallest m (less sharing). m stays <= r - u: past that the rotation repeats itself, so
+        further copies add no new directions. With broadcast along hidden,
+        params = u * U + (r - u) * S(m), where U = sum(h + o) and S(m) = sum(ceil(h/m) + ceil(o/m)),
+        both taken from count_params so the formula lives in one place.
+        """
+        per_unshared = layers * sum(count_params(h, o, 1, 1, 1, 1) for h, o in shapes)
+        max_m = min(max_rank, min(min(h, o) for h, o in shapes))
+        # S(m) is non-increasing in m; negate it so bisect can search an ascending list.
+        neg_shared = [-layers * sum(count_params(h, o, 1, 0, m, m) for h, o in shapes)
+                      for m in range(1, max_m + 1)]
+        found = []
+        for r in range(max_rank, 0, -1):
+            for u in range(r, -1, -1):
+                r_s, rest = r - u, budget - u * per_unshared
+                if rest < 0:
+                    continue
+                if r_s == 0:
+                    found.append(dict(r=r, u=u, m=1, n=1, trainable_params=u * per_unshared))
+                    break
+                i = bisect.bisect_left(neg_shared, -(rest / r_s))  # smallest m with r_s * S(m) <= rest
+                if i < min(r_s, max_m):
+                    params = u * per_unshared - r_s * neg_shared[i]
+                    found.append(dict(r=r, u=u, m=i + 1, n=i + 1, trainable_params=params))
+                    break
+            if len(found) == top:
+                break
+        for row in found:
+            row["equivalent_lora_rank"] = row["trainable_params"] / per_unshared
+        return found
+
+
+def unshared_sizes(state: dict) -> dict:
+    """Each module's [in, out], read off its unshared tensors (adapters that predate `modules`)."""
+    paths = {key.rsplit(".", 1)[0] for key in state}
+    try:
+        return {p: [state[f"{p}.A_unshared"].shape[1], state[f"{p}.B_unshared"].shape[0]] for p in paths}
+    except KeyError as e:
+        raise UserError(f"adapter tensors are incomplete: no {e.args[0]}") from None
+
+
+METHOD = PRoLoRA()

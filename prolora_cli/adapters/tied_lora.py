@@ -1,11 +1,15 @@
-"""Tied-LoRA (Renduchintala et al., 2023): one A and B for many modules, per-module scaling vectors.
+"""Tied-LoRA (Renduchintala et al., 2023), as the PRoLoRA paper runs it (its Table 2: rank 256 on
+q, k and v of LLaMA-2-7B, 4.60M trainable parameters).
 
-dW = diag(u) B diag(v) A * alpha / r. A (r x h) and B (o_max x r) are trainable and shared by every
-module of a tie group: q, k and v of all layers form one group (the paper's setting), and each other
-projection type (o, gate, up, down) forms its own group across layers. Each module trains u (its
-out size, init 1) and v (r, init 1). GQA makes k and v narrower than q: the group's B has q's
-height and a narrower module uses its first o rows, so the down-projection A stays fully tied.
-A starts kaiming-uniform and B at zero, as in LoRA, so training starts from dW = 0.
+dW = alpha/r * diag(u) B_t diag(v) A for a module of projection type t in block l, where
+- A (r x h) is one down-projection tied across q, k and v (they read the same input) of all blocks,
+- B_t (o_t x r) is one up-projection per projection type, tied across all blocks,
+- v (r) is one vector per block, shared by that block's q, k and v,
+- u (o_t) is one vector per module.
+With GQA, k and v are narrower than q: each type has its own B, so nothing is sliced.
+Other targets (o, gate, up, down) each form a tie group of their own: one A and one B for that
+projection type across all blocks, with v per block and u per module, as above.
+A starts kaiming-uniform, B at zero (so dW = 0 at step 0), u and v at one.
 """
 
 from __future__ import annotations
@@ -13,46 +17,76 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prolora_cli.adapters.base import AdapterLayer, kaiming_uniform_
+from prolora_cli.adapters.base import AdapterLayer, Method, block_index, format_1_refused, kaiming_uniform_
+from prolora_cli.errors import UserError
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def group_of(target: str) -> str:
-    return "qkv" if target in QKV else target
-
-
-def count_params(h: int, o: int, r: int) -> int:
-    """Per module; each group adds r * h + o_max * r once."""
-    return o + r
-
-
-def shared_params(h: int, o_max: int, r: int, device=None) -> tuple[nn.Parameter, nn.Parameter]:
-    a = nn.Parameter(kaiming_uniform_(torch.empty(r, h, device=device), h))
-    b = nn.Parameter(torch.zeros(o_max, r, device=device))
-    return a, b
+def group_of(kind: str) -> str:
+    """The tie group of a projection type: q, k and v share A; every other type ties alone."""
+    return "qkv" if kind in QKV else kind
 
 
 class TiedLoRALinear(AdapterLayer):
-    def __init__(self, base_layer: nn.Module, r: int, group: str, shared: tuple[nn.Parameter, nn.Parameter],
-                 alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, r: int, tied: dict[str, nn.Parameter], alpha: float = 16.0,
+                 dropout: float = 0.0):
         super().__init__(base_layer, dropout)
-        self.r, self.group, self.scaling = r, group, alpha / r
-        self.tied_A, self.tied_B = shared  # the same Parameter objects in every module of the group
-        if self.tied_A.shape[1] != self.in_features or self.tied_B.shape[0] < self.out_features:
-            raise ValueError(f"tie group {group} cannot serve a {self.in_features} -> {self.out_features} module")
-        device = self.param_device
-        self.tied_u = nn.Parameter(torch.ones(self.out_features, device=device))
-        self.tied_v = nn.Parameter(torch.ones(r, device=device))
+        self.r, self.scaling = r, alpha / r
+        self.tied = tied  # {saved key: Parameter} for A, B and v: the same objects in every sharer
+        self.tied_A, self.tied_B, self.tied_v = tied.values()
+        self.tied_u = nn.Parameter(torch.ones(self.out_features, device=self.param_device))
 
     def factors(self):
-        return self.tied_v[:, None] * self.tied_A, self.tied_u[:, None] * self.tied_B[: self.out_features]
+        return self.tied_v[:, None] * self.tied_A, self.tied_u[:, None] * self.tied_B
 
     def state(self):
-        return {"tied_u": self.tied_u, "tied_v": self.tied_v}
+        return {"tied_u": self.tied_u}
 
     def shared_state(self):
-        return {f"tied.{self.group}.A": self.tied_A, f"tied.{self.group}.B": self.tied_B}
+        return dict(self.tied)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, group={self.group}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}"
+
+
+class TiedLoRA(Method):
+    name, title = "tied-lora", "Tied-LoRA"
+    default_targets = QKV
+
+    def read_settings(self, d, version, source):
+        if version < 2:
+            raise format_1_refused(source, self.title, "which tied B per group and kept v per module")
+        return super().read_settings(d, version, source)
+
+    def build_layers(self, cfg, bases):
+        def device_of(base):
+            w = getattr(base, "weight", None)
+            return w.device if w is not None and w.device.type != "meta" else None
+
+        tensors: dict[str, nn.Parameter] = {}  # every tied tensor, by saved key
+        layers = {}
+        for path, base in bases.items():
+            kind, block = path.rsplit(".", 1)[-1], block_index(path)
+            group, h, o, dev = group_of(kind), base.in_features, base.out_features, device_of(base)
+            make = {f"tied.{group}.A": lambda: kaiming_uniform_(torch.empty(cfg.r, h, device=dev), h),
+                    f"tied.{kind}.B": lambda: torch.zeros(o, cfg.r, device=dev),
+                    f"tied.{group}.v.{block}": lambda: torch.ones(cfg.r, device=dev)}
+            for key, new in make.items():
+                if key not in tensors:
+                    tensors[key] = nn.Parameter(new())
+            tied = {key: tensors[key] for key in make}
+            if next(iter(tied.values())).shape[1] != h:
+                raise UserError(f"tie group {group} cannot serve {path}: its input size is {h}")
+            layers[path] = TiedLoRALinear(base, cfg.r, tied, cfg.alpha, cfg.dropout)
+        return layers
+
+    def count(self, cfg, shapes, num_layers):
+        """Per module: u (o). Shared: A per group (r h), B per type (o r), v per block and group (r)."""
+        groups = {group_of(t): h for t, (h, o) in shapes.items()}
+        shared = sum(cfg.r * h + num_layers * cfg.r for h in groups.values())
+        shared += sum(o * cfg.r for h, o in shapes.values())
+        return {t: [o] * num_layers for t, (h, o) in shapes.items()}, shared
+
+
+METHOD = TiedLoRA()
