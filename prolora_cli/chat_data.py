@@ -21,7 +21,7 @@ class BadRecord(ValueError):
     """One line's problem; the reader adds the file and line number."""
 
 
-def normalize(obj) -> dict:
+def parse_record(obj) -> dict:
     """A JSON value -> {"messages": [...], plus kept extras}, or BadRecord naming the problem."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
@@ -76,7 +76,7 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dic
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                record = normalize(obj)
+                record = parse_record(obj)
             except (UnicodeDecodeError, BadRecord) as e:
                 problem = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
                 if not skip_bad_lines:
@@ -101,8 +101,9 @@ def resolve_chat_format(tokenizer, chat_format: str) -> str:
     return chat_format
 
 
-def _tulu(messages, eos: str) -> tuple[str, list[tuple[int, int]]]:
-    """open-instruct's format: <|role|>\\n{content}\\n, assistant turns end with eos."""
+def _tulu(messages, eos: str, generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """open-instruct's format: <|role|>\\n{content}\\n, assistant turns end with eos. With
+    generation_prompt, the text ends where the next assistant reply begins."""
     text, spans = "", []
     for m in messages:
         text += f"<|{m['role']}|>\n"
@@ -113,6 +114,8 @@ def _tulu(messages, eos: str) -> tuple[str, list[tuple[int, int]]]:
             text += "\n"
         else:
             text += m["content"] + "\n"
+    if generation_prompt:
+        return text + "<|assistant|>\n", spans
     # Stripping the whole string, as the paper's code does, only ever trims the final newline.
     return text.strip(), spans
 
@@ -144,8 +147,22 @@ def render(messages, tokenizer, chat_format: str) -> tuple[str, list[tuple[int, 
 def render_prompt(messages, tokenizer, chat_format: str) -> str:
     """The conversation so far, ending where the assistant's reply begins (for generation)."""
     if chat_format == "tulu":
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return _tulu(messages, tokenizer.eos_token or "", generation_prompt=True)[0]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False):
+    """Token lists -> (ids, attention mask) tensors, padded on the right (or the left, to generate)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
 def encode(messages, tokenizer, chat_format: str, max_seq_len: int) -> dict:

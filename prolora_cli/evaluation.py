@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from prolora_cli.chat_data import IGNORE, pad_batch
 from prolora_cli.errors import UserError
 
 METRICS = ("loss", "exact-match", "choice")
@@ -41,12 +42,12 @@ class EvalArgs:
     device: Optional[str] = None
 
 
-def normalize(text: str) -> str:
+def normalize_answer(text: str) -> str:
     return " ".join(text.lower().split())
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     common = sum((Counter(pred) & Counter(ref)).values())
     if not pred or not ref:
         return float(pred == ref)
@@ -76,19 +77,6 @@ def select(records: list[dict], limit: Optional[int], seed: int) -> list[dict]:
     return [records[i] for i in keep]
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
 def token_losses(model, encoded: list[dict], pad_id: int, batch_size: int, advance: Callable[[int], None]):
     """Per example: (sum of cross-entropy over trained tokens, number of trained tokens).
 
@@ -99,16 +87,14 @@ def token_losses(model, encoded: list[dict], pad_id: int, batch_size: int, advan
     import torch
     import torch.nn.functional as F
 
-    from prolora_cli.chat_data import IGNORE
-
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     out: list = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = _pad([encoded[i]["input_ids"] for i in chunk], pad_id, left=False)
-        labels, _ = _pad([encoded[i]["labels"] for i in chunk], IGNORE, left=False)
+        ids, mask = pad_batch([encoded[i]["input_ids"] for i in chunk], pad_id, left=False)
+        labels, _ = pad_batch([encoded[i]["labels"] for i in chunk], IGNORE, left=False)
         target = labels[:, 1:].to(device)
         trained = target != IGNORE
         with torch.no_grad():
@@ -134,8 +120,6 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
     import torch
     import torch.nn.functional as F
 
-    from prolora_cli.chat_data import IGNORE
-
     seqs = [o["input_ids"] for o in options]
     common = 0
     while all(len(s) > common + 1 for s in seqs) and len({s[common] for s in seqs}) == 1:
@@ -150,8 +134,8 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     tails = [s[prefix:] for s in seqs]
-    ids, tail_mask = _pad(tails, pad_id, left=False)
-    labels, _ = _pad([o["labels"][prefix:] for o in options], IGNORE, left=False)
+    ids, tail_mask = pad_batch(tails, pad_id, left=False)
+    labels, _ = pad_batch([o["labels"][prefix:] for o in options], IGNORE, left=False)
     mask = torch.cat([torch.ones(len(options), prefix, dtype=torch.long), tail_mask], dim=1)
     with torch.no_grad():
         cache = decoder(input_ids=torch.tensor([seqs[0][:prefix]], device=device),
@@ -179,7 +163,7 @@ def generate(model, tokenizer, prompts: list[str], add_special: bool, max_new_to
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         seqs = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in chunk]
-        ids, mask = _pad(seqs, pad, left=True)
+        ids, mask = pad_batch(seqs, pad, left=True)
         with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -221,7 +205,8 @@ def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalAr
                                args.batch_size, advance)
         for row, pred in zip(rows, predictions):
             row["prediction"] = pred
-            row["exact_match"] = float(any(normalize(pred) == normalize(a) for a in row["references"]))
+            row["exact_match"] = float(any(normalize_answer(pred) == normalize_answer(a)
+                                           for a in row["references"]))
             row["f1"] = max(token_f1(pred, a) for a in row["references"])
         summary["exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
         summary["f1"] = sum(r["f1"] for r in rows) / len(rows)
@@ -272,7 +257,7 @@ def run_eval(args: EvalArgs, progress) -> dict:
     """
     from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
     from prolora_cli.chat_data import read_jsonl, resolve_chat_format
-    from prolora_cli.inject import count_trainable, inject, load_state, remove_adapters
+    from prolora_cli.inject import attach, count_trainable, remove_adapters
     from prolora_cli.models import load_model
 
     unknown = set(args.metrics) - set(METRICS)
@@ -296,8 +281,7 @@ def run_eval(args: EvalArgs, progress) -> dict:
         results.append({"name": "base", "adapter": None, "trainable_params": 0, "bytes": 0, **summary})
         predictions.append(("base", rows))
     for path, cfg, state in adapters:
-        inject(model, cfg)
-        load_state(model, state)
+        attach(model, cfg, state)
         trainable, _ = count_trainable(model)
         summary, rows = evaluate_model(model, tokenizer, records, fmt, args, progress(str(path), per_pass))
         results.append({"name": str(path), "adapter": str(path), "trainable_params": trainable,

@@ -168,20 +168,11 @@ class EpochLengthSampler:
 
 
 def collate(pad_id: int):
-    import torch
+    from prolora_cli.chat_data import IGNORE, pad_batch
 
-    from prolora_cli.chat_data import IGNORE
-
-    def fn(examples):
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):  # right padding: positions stay 0..len-1
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
+    def fn(examples):  # right padding: positions stay 0..len-1
+        ids, mask = pad_batch([e["input_ids"] for e in examples], pad_id)
+        labels, _ = pad_batch([e["labels"] for e in examples], IGNORE)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return fn
@@ -199,20 +190,20 @@ def tokenize_split(path: Path, records: list[dict], tokenizer, args: TrainArgs, 
     return ds
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def build_optimizer(model, args: TrainArgs):
+def build_optimizer(model, layers: dict, args: TrainArgs):
+    """AdamW with a group per treatment: layers name their shared parameters (--lr-shared) and
+    those that take no weight decay; everything else gets --lr and --weight-decay."""
     import torch
 
-    shared, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (shared if name.endswith(("A_shared", "B_shared")) else rest).append(p)
+    shared = {id(getattr(layer, n)) for layer in layers.values() for n in layer.SHARED}
+    no_decay = {id(getattr(layer, n)) for layer in layers.values() for n in layer.NO_DECAY}
     lr_shared = args.lr_shared if args.lr_shared is not None else args.lr
-    groups = [{"params": rest, "lr": args.lr}, {"params": shared, "lr": lr_shared}]
-    groups = [g for g in groups if g["params"]]
+    groups = {(s, d): {"params": [], "lr": lr_shared if s else args.lr, "weight_decay": 0.0 if d else args.weight_decay}
+              for s in (False, True) for d in (False, True)}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups[(id(p) in shared, id(p) in no_decay)]["params"].append(p)
+    groups = [g for g in groups.values() if g["params"]]
     if args.optim == "paged_adamw_32bit":
         # bitsandbytes pages optimizer state to host memory under GPU memory pressure; on CPU
         # there is nothing to page, and its 32-bit AdamW runs as a plain AdamW.
@@ -240,29 +231,197 @@ def mean_eval_loss(model, loader, accelerator) -> float:
     return (total[0] / total[1]).item()
 
 
-def train(args: TrainArgs, report) -> dict:
-    """Run (or resume) training. `report` receives progress events (see console.TrainReporter)."""
-    from prolora_cli.models import load_model, quiet_libraries
+# ---------------------------------------------------------------------------------------------
+# The run: set up, loop, evaluate, checkpoint, finish
 
-    quiet_libraries()
+
+@dataclass
+class Run:
+    """Everything a run holds between its steps."""
+    args: TrainArgs
+    cfg: AdapterConfig
+    report: object
+    accelerator: object
+    model: object
+    raw_model: object
+    layers: dict
+    loader: object
+    eval_loader: object
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    info: dict
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.report.message(text)
+
+    def log(self, record: dict) -> None:
+        """Keep a record in the history (checkpoints carry it) and append it to train_log.jsonl."""
+        self.progress.history.append(record)
+        if self.main:
+            with (self.args.output / LOG_NAME).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> float:
+        self.progress.last_eval_loss = mean_eval_loss(self.model, self.eval_loader, self.accelerator)
+        return self.progress.last_eval_loss
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically: only complete checkpoints ever carry that name."""
+        acc, out = self.accelerator, self.args.output
+        final = out / CHECKPOINTS / f"step-{self.progress.step:07d}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.main:
+            (tmp / STATE_NAME).write_text(json.dumps(vars(self.progress)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(final.parent.glob("step-*"))[: -self.args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def train_step(self, batch) -> float:
+        """One micro-batch: forward, the method's penalty, backward; at a step boundary clip,
+        update and run the layers' after-step hooks (SoRA's proximal step, PRILoRA's pruning)."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            loss = self.model(**batch).loss
+            penalty = self.cfg.impl.regularizer(self.cfg, self.layers)
+            acc.backward(loss if penalty is None else loss + penalty)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            if acc.sync_gradients:
+                for layer in self.layers.values():
+                    layer.after_step(self.progress.step + 1, self.total_steps)
+        return loss.detach().float().item()
+
+    def end_of_step(self, window: dict) -> None:
+        """Count the optimizer step; log and evaluate as asked."""
+        args, p = self.args, self.progress
+        self.scheduler.step()
+        p.step += 1
+        now = time.perf_counter()
+        p.elapsed = now - window["started"]
+        record = None
+        if p.step % args.log_every == 0 or p.step == self.total_steps:
+            p.last_loss = window["loss"] / window["batches"]
+            record = dict(step=p.step, epoch=p.epoch, loss=p.last_loss, lr=self.scheduler.get_last_lr()[0],
+                          tokens_per_s=window["tokens"] / max(now - window["start"], 1e-9), elapsed_s=p.elapsed)
+            window.update(tokens=0, start=now, loss=0.0, batches=0)
+        if self.eval_loader is not None and (
+                p.step == self.total_steps or (args.eval_every and p.step % args.eval_every == 0)):
+            record = {**(record or dict(step=p.step, epoch=p.epoch)), "eval_loss": self.evaluate()}
+        if record is not None:
+            self.log(record)
+        self.report.step(p.step, record)
+
+    def loop(self, stop: dict) -> None:
+        """Train up to total_steps; a Ctrl-C (stop["asked"]) ends at the next step with a checkpoint."""
+        p, acc = self.progress, self.accelerator
+        window = dict(started=time.perf_counter() - p.elapsed, start=time.perf_counter(), tokens=0,
+                      loss=0.0, batches=0)
+        self.model.train()
+        while p.step < self.total_steps:
+            # accelerate's loaders re-set their sampler's epoch from their own counter on every
+            # pass, so the epoch goes through them (a fresh skip loader would count from 0).
+            batches = acc.skip_first_batches(self.loader, p.batch_in_epoch) if p.batch_in_epoch else self.loader
+            batches.set_epoch(p.epoch)
+            for batch in batches:
+                loss = self.train_step(batch)
+                p.batch_in_epoch += 1
+                n_tokens = int(batch["attention_mask"].sum())
+                p.tokens += n_tokens
+                window.update(tokens=window["tokens"] + n_tokens, loss=window["loss"] + loss,
+                              batches=window["batches"] + 1)
+                if not acc.sync_gradients:
+                    continue
+                self.end_of_step(window)
+                if stop["asked"]:
+                    raise Interrupted(self.save_checkpoint())
+                if self.args.save_every and p.step % self.args.save_every == 0 and p.step < self.total_steps:
+                    self.save_checkpoint()
+                if p.step >= self.total_steps:
+                    break
+            else:
+                p.epoch += 1
+                p.batch_in_epoch = 0
+
+    def finish(self) -> dict:
+        """Save the final adapter (the method may compact it first), the loss plot, and summarise."""
+        from prolora_cli.adapter_files import save_adapter
+        from prolora_cli.inject import finalize
+
+        final_cfg, message = finalize(self.raw_model, self.cfg)
+        if message:
+            self.say(message)
+        if self.main:
+            save_adapter(self.args.output, final_cfg, self.raw_model)
+            plot_losses(self.progress.history, self.args.output / "loss.png")
+        self.accelerator.wait_for_everyone()
+        p = self.progress
+        first_eval = next((r["eval_loss"] for r in p.history if "eval_loss" in r), None)
+        return dict(steps=p.step, time_s=p.elapsed, train_loss=p.last_loss, eval_loss=p.last_eval_loss,
+                    eval_loss_start=first_eval, trainable_params=self.info["trainable"],
+                    adapter_bytes=(self.args.output / "adapter.safetensors").stat().st_size,
+                    output=str(self.args.output), tokens=p.tokens)
+
+
+def load_inputs(args: TrainArgs, device, say):
+    """Data first (a bad file should fail before the model loads), then model and tokenizer.
+    Returns (model, model_id, chat format, train dataset, eval dataset or None)."""
+    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
+    from prolora_cli.models import load_model
+
+    train_records, skipped = read_jsonl(args.data, args.skip_bad_lines)
+    eval_records, eval_skipped = read_jsonl(args.eval_data, args.skip_bad_lines) if args.eval_data else ([], 0)
+    for path, count in ((args.data, skipped), (args.eval_data, eval_skipped)):
+        if count:
+            say(f"{path}: skipped {count} bad line(s)")
+    model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
+                                            trust_remote_code=args.trust_remote_code)
+    fmt = resolve_chat_format(tokenizer, args.chat_format)
+    train_ds = tokenize_split(args.data, train_records, tokenizer, args, fmt, say)
+    eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
+    return model, tokenizer, model_id, fmt, train_ds, eval_ds
+
+
+def make_loaders(train_ds, eval_ds, pad_id: int, args: TrainArgs):
+    import torch
+    from torch.utils.data import DataLoader
+
+    sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], args.batch_size,
+                                 args.seed, args.group_by_length)
+    # A dedicated generator: DataLoader draws a base seed per epoch, which must not touch the
+    # global RNG (dropout) or a resumed run would drift.
+    loader = DataLoader(train_ds.with_format(None, columns=["input_ids", "labels"]),
+                        batch_size=args.batch_size, sampler=sampler, collate_fn=collate(pad_id),
+                        generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = None if eval_ds is None else DataLoader(
+        eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=args.batch_size,
+        collate_fn=collate(pad_id))
+    return loader, eval_loader
+
+
+def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
+    """Everything up to the first step: accelerator, data, model with its adapter, optimizer."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from prolora_cli.adapter_files import read_config, save_adapter
-    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
-    from prolora_cli.inject import adapter_layers, count_trainable, finalize, inject, load_state
-
-    args.check()
-    resume_from = prepare_output(args)
-    if resume_from is not None:
-        # The adapter settings of a resumed run are the run's own, not this command line's.
-        args = replace(args, adapter=read_config(resume_from))
-    # Read (and so validate) the data before spending time on the model.
-    train_records, skipped = read_jsonl(args.data, args.skip_bad_lines)
-    eval_records, eval_skipped = read_jsonl(args.eval_data, args.skip_bad_lines) if args.eval_data else ([], 0)
+    from prolora_cli.inject import adapter_layers, count_trainable, inject
 
     use_cpu = args.device == "cpu" or not torch.cuda.is_available()
     bf16 = not use_cpu and torch.cuda.is_bf16_supported()
@@ -270,95 +429,73 @@ def train(args: TrainArgs, report) -> dict:
                               mixed_precision="bf16" if bf16 else "no")
     set_seed(args.seed)
     say = report.message if accelerator.is_main_process else (lambda _msg: None)
-    for path, count in ((args.data, skipped), (args.eval_data, eval_skipped)):
-        if count:
-            say(f"{path}: skipped {count} bad line(s)")
-
-    model, tokenizer, model_id = load_model(args.model, args.quant, device=accelerator.device,
-                                            trust_remote_code=args.trust_remote_code)
-    fmt = resolve_chat_format(tokenizer, args.chat_format)
-    train_ds = tokenize_split(args.data, train_records, tokenizer, args, fmt, say)
-    eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
-
+    model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
+    # The adapter settings of a resumed run are the run's own, not this command line's.
     cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
     inject(model, cfg)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total_params = count_trainable(model)
-
-    sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], args.batch_size,
-                                 args.seed, args.group_by_length)
-    pad = tokenizer.pad_token_id
-    # A dedicated generator: DataLoader draws a base seed per epoch, which must not touch the
-    # global RNG (dropout) or a resumed run would drift.
-    loader = DataLoader(train_ds.with_format(None, columns=["input_ids", "labels"]),
-                        batch_size=args.batch_size, sampler=sampler, collate_fn=collate(pad),
-                        generator=torch.Generator().manual_seed(args.seed))
-    eval_loader = None if eval_ds is None else DataLoader(
-        eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=args.batch_size,
-        collate_fn=collate(pad))
-
-    per_epoch = math.ceil(len(loader) / args.grad_accum)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
-    optimizer = build_optimizer(model, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps),
-                                                total_steps)
+    loader, eval_loader = make_loaders(train_ds, eval_ds, tokenizer.pad_token_id, args)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * math.ceil(len(loader) / args.grad_accum)))
+    optimizer = build_optimizer(model, adapter_layers(model), args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     # Stepped by hand once per optimizer step; registered so checkpoints hold it.
     accelerator.register_for_checkpointing(scheduler)
     raw_model = accelerator.unwrap_model(model)
-    layers = list(adapter_layers(raw_model).values())
+    info = dict(model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
+                trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
+                steps=total_steps, batch=args.batch_size * args.grad_accum * accelerator.num_processes)
+    return Run(args, cfg, report, accelerator, model, raw_model, adapter_layers(raw_model), loader, eval_loader,
+               optimizer, scheduler, total_steps, info)
+
+
+def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
+    """Checkpoints hold the adapter (never the frozen base); resume loads one, a new run writes
+    its run_config.json. Either way train_log.jsonl restarts from the history kept so far."""
+    from prolora_cli.adapter_files import read_tensors, save_adapter
+    from prolora_cli.inject import load_state
 
     def save_hook(models, weights, output_dir):
-        # The frozen base is not checkpointed; the adapter is, as a complete adapter folder.
         weights.clear()
-        save_adapter(output_dir, cfg, raw_model)
+        save_adapter(output_dir, run.cfg, run.raw_model)
 
     def load_hook(models, input_dir):
-        from prolora_cli.adapter_files import read_tensors
-
         models.clear()
-        load_state(raw_model, read_tensors(input_dir))
+        load_state(run.raw_model, read_tensors(input_dir))
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    progress = Progress()
+    run.accelerator.register_save_state_pre_hook(save_hook)
+    run.accelerator.register_load_state_pre_hook(load_hook)
+    args = run.args
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
-        say(f"resuming from {resume_from.name} (step {progress.step} of {total_steps})")
-    elif accelerator.is_main_process:
+        run.accelerator.load_state(str(resume_from))
+        run.progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
+        run.say(f"resuming from {resume_from.name} (step {run.progress.step} of {run.total_steps})")
+    elif run.main:
         args.output.mkdir(parents=True, exist_ok=True)
-        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                      if k != "adapter"}
+        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "adapter"}
         write_text_atomic(args.output / RUN_CONFIG, json.dumps(
-            {**run_config, "adapter": cfg.to_dict(), "chat_format_used": fmt}, indent=2) + "\n")
+            {**run_config, "adapter": run.cfg.to_dict(), "chat_format_used": run.info["chat_format"]},
+            indent=2) + "\n")
+    if run.main:  # on resume, forget what the interrupted run logged after its checkpoint
+        write_text_atomic(args.output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in run.progress.history))
 
-    log_path = args.output / LOG_NAME
-    if accelerator.is_main_process:
-        # On resume, forget what the interrupted run logged after its checkpoint.
-        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in progress.history))
 
-    def save_checkpoint() -> Path:
-        final = args.output / CHECKPOINTS / f"step-{progress.step:07d}"
-        tmp = final.with_name(f".tmp-{final.name}")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / STATE_NAME).write_text(json.dumps(vars(progress)))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # only complete checkpoints ever carry a step-N name
-            kept = sorted(p for p in final.parent.glob("step-*"))
-            for old in kept[: -args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
+def train(args: TrainArgs, report) -> dict:
+    """Run (or resume) training. `report` receives progress events (see console.TrainReporter)."""
+    from prolora_cli.adapter_files import read_config
+    from prolora_cli.models import quiet_libraries
 
+    quiet_libraries()
+    args.check()
+    resume_from = prepare_output(args)
+    if resume_from is not None:
+        args = replace(args, adapter=read_config(resume_from))
+    run = setup(args, report, resume_from)
+    start_or_resume(run, resume_from)
     # Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary and stops.
     stop = {"asked": False}
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -369,94 +506,14 @@ def train(args: TrainArgs, report) -> dict:
         stop["asked"] = True
 
     signal.signal(signal.SIGINT, on_sigint)
-    report.start(total_steps, progress.step, dict(
-        model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
-        trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
-        steps=total_steps, batch=args.batch_size * args.grad_accum * accelerator.num_processes),
-        enabled=accelerator.is_main_process)
-    if eval_loader is not None and progress.step == 0:  # where the curve starts
-        progress.last_eval_loss = mean_eval_loss(model, eval_loader, accelerator)
-        progress.history.append(dict(step=0, epoch=0, eval_loss=progress.last_eval_loss))
-        if accelerator.is_main_process:
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(progress.history[-1]) + "\n")
-    model.train()
-    started = time.perf_counter() - progress.elapsed
-    window_tokens, window_start, window_loss, window_batches = 0, time.perf_counter(), 0.0, 0
+    report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
     try:
-        while progress.step < total_steps:
-            # accelerate's loaders re-set their sampler's epoch from their own counter on every
-            # pass, so the epoch goes through them (a fresh skip loader would count from 0).
-            batches = loader
-            if progress.batch_in_epoch:
-                batches = accelerator.skip_first_batches(loader, progress.batch_in_epoch)
-            batches.set_epoch(progress.epoch)
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    if accelerator.sync_gradients:  # SoRA's proximal step, PRILoRA's pruning
-                        for layer in layers:
-                            layer.after_step(progress.step + 1, total_steps)
-                progress.batch_in_epoch += 1
-                n_tokens = int(batch["attention_mask"].sum())
-                progress.tokens += n_tokens
-                window_tokens += n_tokens
-                window_loss += loss.detach().float().item()
-                window_batches += 1
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                progress.step += 1
-                now = time.perf_counter()
-                progress.elapsed = now - started
-                record = None
-                if progress.step % args.log_every == 0 or progress.step == total_steps:
-                    progress.last_loss = window_loss / window_batches
-                    record = dict(step=progress.step, epoch=progress.epoch, loss=progress.last_loss,
-                                  lr=scheduler.get_last_lr()[0],
-                                  tokens_per_s=window_tokens / max(now - window_start, 1e-9),
-                                  elapsed_s=progress.elapsed)
-                    window_tokens, window_start, window_loss, window_batches = 0, now, 0.0, 0
-                want_eval = eval_loader is not None and (
-                    progress.step == total_steps or (args.eval_every and progress.step % args.eval_every == 0))
-                if want_eval:
-                    progress.last_eval_loss = mean_eval_loss(model, eval_loader, accelerator)
-                    record = {**(record or dict(step=progress.step, epoch=progress.epoch)),
-                              "eval_loss": progress.last_eval_loss}
-                if record is not None and accelerator.is_main_process:
-                    progress.history.append(record)
-                    with log_path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                report.step(progress.step, record)
-                if stop["asked"]:
-                    raise Interrupted(save_checkpoint())
-                if args.save_every and progress.step % args.save_every == 0 and progress.step < total_steps:
-                    save_checkpoint()
-                if progress.step >= total_steps:
-                    break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
+        if run.eval_loader is not None and run.progress.step == 0:  # where the curve starts
+            run.log(dict(step=0, epoch=0, eval_loss=run.evaluate()))
+        run.loop(stop)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-
-    final_cfg = finalize(raw_model, cfg)  # SoRA: the compact LoRA its gates left
-    if final_cfg.ranks and cfg.method == "sora":
-        say(f"SoRA kept {sum(final_cfg.ranks.values())} of {cfg.r * len(final_cfg.ranks)} ranks")
-    if accelerator.is_main_process:
-        save_adapter(args.output, final_cfg, raw_model)
-        plot_losses(progress.history, args.output / "loss.png")
-    accelerator.wait_for_everyone()
-    first_eval = next((r["eval_loss"] for r in progress.history if "eval_loss" in r), None)
-    summary = dict(steps=progress.step, time_s=progress.elapsed, train_loss=progress.last_loss,
-                   eval_loss=progress.last_eval_loss, eval_loss_start=first_eval, trainable_params=trainable,
-                   adapter_bytes=(args.output / "adapter.safetensors").stat().st_size,
-                   output=str(args.output), tokens=progress.tokens)
+    summary = run.finish()
     report.end(summary)
     return summary
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run_cli, train_tokenizer
 from prolora_cli.chat_data import IGNORE, encode
-from prolora_cli.evaluation import EvalArgs, evaluate_model, normalize, option_losses, token_f1, token_losses
+from prolora_cli.evaluation import EvalArgs, evaluate_model, normalize_answer, option_losses, token_f1, token_losses
 
 QA = [("What is 12 + 30?", "12 + 30 = 42.", ["12 + 30 = 42.", "12 + 30 = 24."]),
       ("Reverse the order of these words: apple river", "river apple", ["apple river", "river apple"]),
@@ -31,7 +31,7 @@ def record(q, a, choices=None, line=1, task=None):
 
 
 def test_normalisation_and_f1_by_hand():
-    assert normalize("  The  Capital\n is LIMA ") == "the capital is lima"
+    assert normalize_answer("  The  Capital\n is LIMA ") == "the capital is lima"
     assert token_f1("the capital is lima", "The capital of Peru is Lima") == pytest.approx(2 * 1 * (4 / 6) / (1 + 4 / 6))
     assert token_f1("", "") == 1.0 and token_f1("x", "y") == 0.0
 

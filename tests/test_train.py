@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, run_cli
-from prolora_cli.adapter_files import attach_adapter
+from conftest import assert_one_line_error, attach_adapter, run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "chat"
 
@@ -209,7 +208,7 @@ def test_nf4_gradients_stay_exact_after_an_eval_pass(tiny_model_dir):
     ids = torch.randint(3, 300, (2, 16))
     for model in (quantized, reference):
         torch.manual_seed(0)
-        inject(model, AdapterConfig.create(8, 1, 3, dropout=0.0))
+        inject(model, AdapterConfig.create(8, unshared=1, share=3, dropout=0.0))
         with torch.no_grad():
             for layer in adapter_layers(model).values():
                 layer.B_unshared.fill_(0.01)
