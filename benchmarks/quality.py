@@ -38,7 +38,7 @@ VARIANTS = {
     # VeRA trains vectors only and cannot spend that budget: its paper rank 256 is 209,280 parameters.
     "sora-r2": ["--method", "sora", "--rank", "2"],
     "prilora-r2": ["--method", "prilora", "--rank", "2", "--prune-every", "10"],
-    "tied-lora-r48": ["--method", "tied-lora", "--rank", "48"],
+    "tied-lora-r371": ["--method", "tied-lora", "--rank", "371"],  # q, k, v (its default targets)
     "vera-r256": ["--method", "vera", "--rank", "256", "--lr", "1e-2"],
 }
 DEFAULT_VARIANTS = ["lora-r2", "prolora-r8-u1-m7", "lora-r8"]
@@ -58,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA, help="folder with train.jsonl and dev.jsonl")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                   help="the paper's three by default; add sora-r2 prilora-r2 tied-lora-r48 vera-r256")
+                   help="the paper's three by default; add sora-r2 prilora-r2 tied-lora-r371 vera-r256")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
