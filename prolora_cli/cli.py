@@ -204,7 +204,8 @@ def merge(
     adapter: Path = ADAPTER,
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged transformers model."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one the adapter records)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weights of the merged model: fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights of the merged model: auto (the base "
+                              "checkpoint's dtype), fp32, bf16 or fp16."),
     base: str = typer.Option("full", "--base", help="'full': merge into the original weights; 'nf4': into their "
                              "NF4 round trip, the weights a QLoRA adapter was trained against."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max |logit difference| the check allows, "
@@ -224,7 +225,7 @@ def merge(
     if as_json:
         out.print_json(json.dumps(result))
         return
-    out.print(f"merged {result['modules_merged']} modules into {result['output']} ({dtype}, {base} base); "
+    out.print(f"merged {result['modules_merged']} modules into {result['output']} ({result['dtype']}, {base} base); "
               f"check: max |logit difference| {result['max_abs_logit_diff']:.3g}, "
               f"{result['relative_diff']:.2g} of the largest logit (tolerance {result['tolerance']:g})",
               highlight=False)

@@ -63,7 +63,7 @@ def logits(model, probes):
     return out * probes["attention_mask"].unsqueeze(-1)  # ignore padded positions
 
 
-def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = None, dtype: str = "fp32",
+def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = None, dtype: str = "auto",
                   base: str = "full", overwrite: bool = False, tolerance: float | None = None,
                   say=lambda _msg: None) -> dict:
     """Merge, write atomically, reload with plain transformers and compare logits.
@@ -76,10 +76,10 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     from prolora_cli.adapter_files import read_config, read_tensors
     from prolora_cli.fileio import atomic_dir, check_output_free
     from prolora_cli.inject import adapter_layers, attach, remove_adapters
-    from prolora_cli.models import load_model
+    from prolora_cli.models import checkpoint_dtype, load_model, loadable_source
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES and dtype != "auto":
+        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if base not in BASES:
         raise UserError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
     output = Path(output)
@@ -88,6 +88,8 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     source = model or cfg.base_model
     if not source:
         raise UserError(f"{adapter} records no base model; pass --model")
+    if dtype == "auto":  # the base checkpoint's own (a GGUF base: its converted cache, fp32)
+        dtype = checkpoint_dtype(loadable_source(source)[0]) or "fp32"
     torch_dtype = getattr(torch, DTYPES[dtype])
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
 

@@ -91,6 +91,25 @@ def gguf_as_folder(gguf: Path) -> Path:
     return folder
 
 
+def checkpoint_dtype(folder: str | Path) -> str | None:
+    """'fp32', 'bf16' or 'fp16': the dtype most of a local safetensors checkpoint's floating
+    numbers are stored in, read from the file headers alone; None when there is no such file."""
+    from collections import Counter
+    from math import prod
+
+    from safetensors import safe_open
+
+    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+    counts: Counter = Counter()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                if piece.get_dtype() in names:
+                    counts[names[piece.get_dtype()]] += prod(piece.get_shape())
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def quiet_libraries() -> None:
     """Library progress bars and advice would drown the CLI's own output."""
     import logging

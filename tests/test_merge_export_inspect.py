@@ -100,6 +100,21 @@ def test_merged_folder_loads_with_plain_transformers(tiny_model_dir, tmp_path):
     assert (tmp_path / "m" / "generation_config.json").is_file()
 
 
+def test_merge_dtype_defaults_to_the_base_checkpoints(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from prolora_cli.models import checkpoint_dtype
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "ad")
+    assert merge_adapter(adapter, tmp_path / "m32")["dtype"] == "fp32" == checkpoint_dtype(tmp_path / "m32")
+    bf16_base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_base)
+    result = merge_adapter(adapter, tmp_path / "m16", model=str(bf16_base))
+    assert result["dtype"] == "bf16" == checkpoint_dtype(tmp_path / "m16")
+    assert result["relative_diff"] <= 6e-2
+
+
 def test_merge_failure_paths(tiny_model_dir, tmp_path):
     adapter = make_adapter(tiny_model_dir, tmp_path / "ad")
     (tmp_path / "taken").mkdir()
