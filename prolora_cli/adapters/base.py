@@ -31,6 +31,12 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> t
     return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)
 
 
+def base_device(base: nn.Module):
+    """Where a base layer's adapter tensors go: its weight's device (None for a size-only stand-in on meta)."""
+    weight = getattr(base, "weight", None)
+    return weight.device if weight is not None and weight.device.type != "meta" else None
+
+
 class AdapterLayer(nn.Module):
     """Subclasses set self.scaling and implement factors(), state() and load_state()."""
 
@@ -49,8 +55,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def param_device(self):
-        weight = getattr(self.base_layer, "weight", None)
-        return weight.device if weight is not None and weight.device.type != "meta" else None
+        return base_device(self.base_layer)
 
     # --- what a method defines --------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prolora_cli.adapters.base import AdapterLayer, Method, block_index, format_1_refused, kaiming_uniform_
+from prolora_cli.adapters.base import AdapterLayer, Method, base_device, block_index, format_1_refused, kaiming_uniform_
 from prolora_cli.errors import UserError
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -60,15 +60,11 @@ class TiedLoRA(Method):
         return super().read_settings(d, version, source)
 
     def build_layers(self, cfg, bases):
-        def device_of(base):
-            w = getattr(base, "weight", None)
-            return w.device if w is not None and w.device.type != "meta" else None
-
         tensors: dict[str, nn.Parameter] = {}  # every tied tensor, by saved key
         layers = {}
         for path, base in bases.items():
             kind, block = path.rsplit(".", 1)[-1], block_index(path)
-            group, h, o, dev = group_of(kind), base.in_features, base.out_features, device_of(base)
+            group, h, o, dev = group_of(kind), base.in_features, base.out_features, base_device(base)
             make = {f"tied.{group}.A": lambda: kaiming_uniform_(torch.empty(cfg.r, h, device=dev), h),
                     f"tied.{kind}.B": lambda: torch.zeros(o, cfg.r, device=dev),
                     f"tied.{group}.v.{block}": lambda: torch.ones(cfg.r, device=dev)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prolora_cli.adapters.base import AdapterLayer, Method, Settings, format_1_refused
+from prolora_cli.adapters.base import AdapterLayer, Method, Settings, base_device, format_1_refused
 
 
 def projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +82,7 @@ class VeRA(Method):
         a, b = projections(cfg.r, max_in, max_out, s.vera_seed)
         layers = {}
         for path, base in bases.items():
-            device = getattr(getattr(base, "weight", None), "device", None)
-            device = None if device is None or device.type == "meta" else device
+            device = base_device(base)
             layers[path] = VeRALinear(base, cfg.r, (a.to(device), b.to(device)), s.vera_d_init, cfg.dropout)
         return layers
 
