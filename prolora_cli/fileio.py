@@ -9,6 +9,18 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, folder: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; what lands for the user gets the mode
+    any other file of theirs would (0644/0755 under the usual umask)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; on success rename it over `path`."""
@@ -18,6 +30,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        _usual_mode(Path(tmp), folder=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -45,6 +58,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _usual_mode(tmp, folder=True)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(path)

@@ -180,3 +180,21 @@ def test_no_module_outside_adapters_names_a_method():
     found = [f"{p.name}:{i}" for p in Path(prolora_cli.__file__).parent.glob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_files_written_atomically_get_the_usual_mode(tmp_path):
+    """Temporary files are private while written; what lands gets the mode the user's umask gives."""
+    import os
+    import stat
+
+    from prolora_cli.fileio import atomic_dir, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "f.json", "{}")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
