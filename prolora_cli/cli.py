@@ -14,6 +14,7 @@ from rich.table import Table
 from prolora_cli import __version__
 from prolora_cli.adapters import DEFAULT as DEFAULT_METHOD
 from prolora_cli.adapters import names as method_names
+from prolora_cli.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from prolora_cli.config import AdapterConfig
 from prolora_cli.errors import UserError
 from prolora_cli.training import TrainArgs
@@ -208,27 +209,36 @@ def merge(
                               "checkpoint's dtype), fp32, bf16 or fp16."),
     base: str = typer.Option("full", "--base", help="'full': merge into the original weights; 'nf4': into their "
                              "NF4 round trip, the weights a QLoRA adapter was trained against."),
+    verify: str = typer.Option("stream", "--verify", help="'stream': check every tensor and run probes block by "
+                               "block, one tensor in memory at a time; 'full': probes through both models "
+                               "loaded whole; 'none'."),
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, "--max-shard-size", help="Largest weight file "
+                                       "written (like 5GB or 500MB)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max |logit difference| the check allows, "
                                               "relative to the largest logit (default: 1e-4 fp32, 1e-2 fp16, 6e-2 bf16)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Merge an adapter's dW into its base model and write a plain transformers model."""
+    """Merge an adapter's dW into its base model and write a plain transformers model, streaming."""
     from prolora_cli.merging import VerificationFailed, merge_adapter
 
     try:
-        result = merge_adapter(adapter, output, model, dtype, base, overwrite, tolerance,
-                               say=lambda msg: None if as_json else out.print(msg, highlight=False))
+        r = merge_adapter(adapter, output, model, dtype, base, overwrite, tolerance, verify, max_shard_size,
+                          say=lambda msg: None if as_json else out.print(msg, highlight=False))
     except VerificationFailed as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     if as_json:
-        out.print_json(json.dumps(result))
+        out.print_json(json.dumps(r))
         return
-    out.print(f"merged {result['modules_merged']} modules into {result['output']} ({result['dtype']}, {base} base); "
-              f"check: max |logit difference| {result['max_abs_logit_diff']:.3g}, "
-              f"{result['relative_diff']:.2g} of the largest logit (tolerance {result['tolerance']:g})",
-              highlight=False)
+    out.print(f"merged {r['modules_merged']} modules into {r['output']}: {r['tensors']} tensors in {r['shards']} "
+              f"file(s), {r['total_size'] / 2**30:.2f} GiB, {r['dtype']} ({base} base)", highlight=False)
+    if verify != "none":
+        out.print(f"checked: {r['tensors_identical']} tensors identical to the base, {r['tensors_converted']} "
+                  f"converted, {r['tensors_adapted']} equal to W0 + dW; logits differ by at most "
+                  f"{r['max_abs_logit_diff']:.3g}, {r['relative_diff']:.2g} of the largest "
+                  f"(tolerance {r['tolerance']:g}; worst block {r['worst_block']}: "
+                  f"{r['max_block_relative_diff']:.2g})", highlight=False)
 
 
 @app.command()

@@ -91,23 +91,21 @@ def gguf_as_folder(gguf: Path) -> Path:
     return folder
 
 
-def checkpoint_dtype(folder: str | Path) -> str | None:
-    """'fp32', 'bf16' or 'fp16': the dtype most of a local safetensors checkpoint's floating
-    numbers are stored in, read from the file headers alone; None when there is no such file."""
-    from collections import Counter
-    from math import prod
+def empty_model(folder: Path):
+    """The base architecture with every weight on the meta device (buffers such as RoPE's are real)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from safetensors import safe_open
-
-    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-    counts: Counter = Counter()
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                if piece.get_dtype() in names:
-                    counts[names[piece.get_dtype()]] += prod(piece.get_shape())
-    return counts.most_common(1)[0][0] if counts else None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    if getattr(config, "quantization_config", None):
+        raise UserError(f"{folder} is a quantized checkpoint; merge needs its full-precision weights")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
 
 
 def quiet_libraries() -> None:

@@ -58,28 +58,12 @@ def assert_one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def train_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained on the spot (a second, no download), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained on the spot on the example chats (a second, no download)."""
+    from prolora_cli.synthetic import train_tokenizer as train
 
-    corpus = [line for line in (Path(__file__).parent.parent / "examples" / "chat" / "train.jsonl")
-              .read_text().splitlines()] * 2
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.chat_template = CHATML
-    return fast
+    lines = (Path(__file__).parent.parent / "examples" / "chat" / "train.jsonl").read_text().splitlines()
+    return train(lines * 2, vocab_size)
 
 
 @pytest.fixture(scope="session")

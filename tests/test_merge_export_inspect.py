@@ -103,7 +103,10 @@ def test_merged_folder_loads_with_plain_transformers(tiny_model_dir, tmp_path):
 def test_merge_dtype_defaults_to_the_base_checkpoints(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from prolora_cli.models import checkpoint_dtype
+    from prolora_cli.checkpoint import Checkpoint
+
+    def checkpoint_dtype(folder):
+        return Checkpoint(folder).dtype()
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "ad")
     assert merge_adapter(adapter, tmp_path / "m32")["dtype"] == "fp32" == checkpoint_dtype(tmp_path / "m32")

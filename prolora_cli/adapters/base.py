@@ -24,11 +24,13 @@ from torch import nn
 from prolora_cli.errors import UserError
 
 
-def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """W0 + dW (or - dW), added in fp32 (fp64 for fp64 weights) and rounded once to the weight's
-    dtype: the one merge, used by layers and by `prolora merge` alike."""
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """W0 + dW (or - dW), added in fp32 (fp64 for fp64 weights) and rounded once to `dtype` (default:
+    the weight's): the one merge, used by layers and by `prolora merge` alike."""
+    wide = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+    wide.add_(delta.to(wide.dtype), alpha=sign)  # in place: one full-size temporary, not two
+    return wide.to(dtype or weight.dtype)
 
 
 def base_device(base: nn.Module):
