@@ -176,16 +176,21 @@ def load_model(model: str | None, quant: str = "nf4", device=None, trust_remote_
     compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     kwargs = dict(dtype=compute, trust_remote_code=trust_remote_code)
     if quant == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        # Quantize from the checkpoint's own dtype: an fp32 copy of a bf16 7B on the way to 4 bits
+        # would take 27 GB. The NF4 codes are the same either way; the few layers kept in full
+        # precision are brought to the compute dtype below.
+        kwargs.update(dtype="auto", device_map={"": device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": device}
+            bnb_4bit_compute_dtype=compute))
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load model {model or DEFAULT_MODEL}: {str(e).splitlines()[0]}") from None
     if quant == "nf4":
         keep_4bit_trainable(lm)
+        for param in lm.parameters():  # embeddings, norms, head; the 4-bit weights are uint8
+            if param.is_floating_point() and param.dtype != compute:
+                param.data = param.data.to(compute)
     else:
         lm = lm.to(device)
     lm.config.use_cache = False
