@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -190,8 +191,9 @@ def train(
         run_training(args, reporter)
     except Interrupted as e:
         reporter.stop()
-        err.print(f"interrupted: checkpoint saved in {e.checkpoint}; continue with the same command "
-                  f"and --resume", highlight=False)
+        if os.environ.get("RANK", "0") == "0":
+            err.print(f"interrupted: checkpoint saved in {e.checkpoint}; continue with the same command "
+                      f"and --resume", highlight=False)
         raise typer.Exit(130)
     finally:
         reporter.stop()
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="prolora", standalone_mode=False)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same bad input
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err.print("aborted")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from prolora_cli.chat_data import IGNORE
 from prolora_cli.config import AdapterConfig
 from prolora_cli.errors import UserError
 from prolora_cli.fileio import write_text_atomic
@@ -97,6 +98,7 @@ class Progress:
     last_loss: Optional[float] = None
     last_eval_loss: Optional[float] = None
     history: list = field(default_factory=list)
+    processes: int = 1  # the data order and RNG states of a checkpoint belong to this many processes
 
 
 class Interrupted(Exception):
@@ -168,7 +170,7 @@ class EpochLengthSampler:
 
 
 def collate(pad_id: int):
-    from prolora_cli.chat_data import IGNORE, pad_batch
+    from prolora_cli.chat_data import pad_batch
 
     def fn(examples):  # right padding: positions stay 0..len-1
         ids, mask = pad_batch([e["input_ids"] for e in examples], pad_id)
@@ -214,19 +216,21 @@ def build_optimizer(model, layers: dict, args: TrainArgs):
 
 
 def mean_eval_loss(model, loader, accelerator) -> float:
-    """Token-weighted mean cross-entropy over assistant tokens."""
+    """Token-weighted mean cross-entropy over assistant tokens, each example counted once: with
+    several processes, accelerate pads the last batch with repeats, which gather_for_metrics drops."""
     import torch
-
-    from prolora_cli.chat_data import IGNORE
+    import torch.nn.functional as F
 
     model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            n = (batch["labels"][:, 1:] != IGNORE).sum()
-            loss = model(**batch).loss
-            total += torch.stack([loss.double() * n, n.double()])
-    total = accelerator.reduce(total, "sum")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE,
+                                         reduction="none")
+            per_example = torch.stack([token_loss.sum(1).double(), (labels != IGNORE).sum(1).double()], 1)
+            total += accelerator.gather_for_metrics(per_example).sum(0)
     model.train()
     return (total[0] / total[1]).item()
 
@@ -252,6 +256,7 @@ class Run:
     total_steps: int
     info: dict
     progress: Progress = field(default_factory=Progress)
+    sampler: Optional[EpochLengthSampler] = None  # the training order, set to each epoch by hand
 
     @property
     def main(self) -> bool:
@@ -290,22 +295,39 @@ class Run:
         acc.wait_for_everyone()
         return final
 
-    def train_step(self, batch) -> float:
-        """One micro-batch: forward, the method's penalty, backward; at a step boundary clip,
-        update and run the layers' after-step hooks (SoRA's proximal step, PRILoRA's pruning)."""
+    def train_step(self, group: list[dict]) -> float:
+        """One optimizer step over a group of micro-batches (up to --grad-accum, on every process).
+
+        The loss is the mean over every trained token of the global batch: each micro-batch's
+        token losses are summed and divided by the token count of the whole group on all processes
+        (transformers' num_items_in_batch), times the number of processes because DDP averages
+        gradients. N processes x batch b then take the same step as 1 process x batch N*b. The
+        method's penalty (SoRA) counts once per step. Returns that mean loss, the same on every rank.
+        """
+        import contextlib
+
+        import torch
+
         acc = self.accelerator
-        with acc.accumulate(self.model):
-            loss = self.model(**batch).loss
-            penalty = self.cfg.impl.regularizer(self.cfg, self.layers)
-            acc.backward(loss if penalty is None else loss + penalty)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            if acc.sync_gradients:
-                for layer in self.layers.values():
-                    layer.after_step(self.progress.step + 1, self.total_steps)
-        return loss.detach().float().item()
+        local = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group),
+                 sum(int(b["attention_mask"].sum()) for b in group)]
+        trained, seen = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
+        total = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(group):
+            # Gradients are exchanged once per step, with the last micro-batch's backward.
+            with contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(self.model):
+                loss = self.model(**batch, num_items_in_batch=trained.float()).loss
+                penalty = self.cfg.impl.regularizer(self.cfg, self.layers)
+                scaled = loss * acc.num_processes
+                acc.backward(scaled if penalty is None else scaled + penalty / len(group))
+            total += loss.detach().float()
+        acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        for layer in self.layers.values():
+            layer.after_step(self.progress.step + 1, self.total_steps)
+        self.progress.tokens += int(seen.item())  # every token processed, on all processes
+        return acc.reduce(total, "sum").item()
 
     def end_of_step(self, window: dict) -> None:
         """Count the optimizer step; log and evaluate as asked."""
@@ -316,10 +338,10 @@ class Run:
         p.elapsed = now - window["started"]
         record = None
         if p.step % args.log_every == 0 or p.step == self.total_steps:
-            p.last_loss = window["loss"] / window["batches"]
+            p.last_loss = window["loss"] / window["steps"]
             record = dict(step=p.step, epoch=p.epoch, loss=p.last_loss, lr=self.scheduler.get_last_lr()[0],
                           tokens_per_s=window["tokens"] / max(now - window["start"], 1e-9), elapsed_s=p.elapsed)
-            window.update(tokens=0, start=now, loss=0.0, batches=0)
+            window.update(tokens=0, start=now, loss=0.0, steps=0)
         if self.eval_loader is not None and (
                 p.step == self.total_steps or (args.eval_every and p.step % args.eval_every == 0)):
             record = {**(record or dict(step=p.step, epoch=p.epoch)), "eval_loss": self.evaluate()}
@@ -327,34 +349,42 @@ class Run:
             self.log(record)
         self.report.step(p.step, record)
 
+    def stop_asked(self, stop: dict) -> bool:
+        """A Ctrl-C reaches the processes at different moments; they stop at the same step."""
+        import torch
+
+        flag = torch.tensor(float(stop["asked"]), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum").item() > 0
+
     def loop(self, stop: dict) -> None:
         """Train up to total_steps; a Ctrl-C (stop["asked"]) ends at the next step with a checkpoint."""
-        p, acc = self.progress, self.accelerator
+        import itertools
+
+        p, acc, accum = self.progress, self.accelerator, self.args.grad_accum
         window = dict(started=time.perf_counter() - p.elapsed, start=time.perf_counter(), tokens=0,
-                      loss=0.0, batches=0)
+                      loss=0.0, steps=0)
         self.model.train()
         while p.step < self.total_steps:
             # accelerate's loaders re-set their sampler's epoch from their own counter on every
             # pass, so the epoch goes through them (a fresh skip loader would count from 0).
             batches = acc.skip_first_batches(self.loader, p.batch_in_epoch) if p.batch_in_epoch else self.loader
             batches.set_epoch(p.epoch)
-            for batch in batches:
-                loss = self.train_step(batch)
-                p.batch_in_epoch += 1
-                n_tokens = int(batch["attention_mask"].sum())
-                p.tokens += n_tokens
-                window.update(tokens=window["tokens"] + n_tokens, loss=window["loss"] + loss,
-                              batches=window["batches"] + 1)
-                if not acc.sync_gradients:
-                    continue
+            # Under several processes accelerate's skipping loader does not pass the epoch on to the
+            # sampler (its batch sampler is wrapped twice), so it is set here as well.
+            self.sampler.set_epoch(p.epoch)
+            micro = iter(batches)
+            while p.step < self.total_steps and (group := list(itertools.islice(micro, accum))):
+                tokens_before = p.tokens
+                loss = self.train_step(group)
+                p.batch_in_epoch += len(group)
+                window.update(tokens=window["tokens"] + p.tokens - tokens_before, loss=window["loss"] + loss,
+                              steps=window["steps"] + 1)
                 self.end_of_step(window)
-                if stop["asked"]:
+                if self.stop_asked(stop):
                     raise Interrupted(self.save_checkpoint())
                 if self.args.save_every and p.step % self.args.save_every == 0 and p.step < self.total_steps:
                     self.save_checkpoint()
-                if p.step >= self.total_steps:
-                    break
-            else:
+            if p.step < self.total_steps:
                 p.epoch += 1
                 p.batch_in_epoch = 0
 
@@ -397,20 +427,22 @@ def load_inputs(args: TrainArgs, device, say):
     return model, tokenizer, model_id, fmt, train_ds, eval_ds
 
 
-def make_loaders(train_ds, eval_ds, pad_id: int, args: TrainArgs):
+def make_loaders(train_ds, eval_ds, pad_id: int, args: TrainArgs, processes: int):
+    """Loaders of global micro-batches (--batch-size x processes): the order, length grouping
+    included, is decided on the global batch, and accelerate (split_batches) hands each process its
+    slice. So the examples of a step do not depend on how many processes share them."""
     import torch
     from torch.utils.data import DataLoader
 
-    sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], args.batch_size,
-                                 args.seed, args.group_by_length)
+    size = args.batch_size * processes
+    sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], size, args.seed, args.group_by_length)
     # A dedicated generator: DataLoader draws a base seed per epoch, which must not touch the
     # global RNG (dropout) or a resumed run would drift.
     loader = DataLoader(train_ds.with_format(None, columns=["input_ids", "labels"]),
-                        batch_size=args.batch_size, sampler=sampler, collate_fn=collate(pad_id),
+                        batch_size=size, sampler=sampler, collate_fn=collate(pad_id),
                         generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None if eval_ds is None else DataLoader(
-        eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=args.batch_size,
-        collate_fn=collate(pad_id))
+        eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=size, collate_fn=collate(pad_id))
     return loader, eval_loader
 
 
@@ -418,25 +450,35 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     """Everything up to the first step: accelerator, data, model with its adapter, optimizer."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
     from prolora_cli.inject import adapter_layers, count_trainable, inject
 
     use_cpu = args.device == "cpu" or not torch.cuda.is_available()
     bf16 = not use_cpu and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=use_cpu,
-                              mixed_precision="bf16" if bf16 else "no")
+    # Accumulation is done by hand (Run.train_step) to normalise the loss by the tokens of the
+    # whole step; split_batches: each process takes its slice of every global micro-batch.
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(args.seed)
     say = report.message if accelerator.is_main_process else (lambda _msg: None)
+    n = accelerator.num_processes
+    say(f"{n} process{'es' if n > 1 else ''} ({accelerator.distributed_type.value.lower()}): batch "
+        f"{args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
+        f"{args.batch_size * n * args.grad_accum} sequences per step")
     model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
     # The adapter settings of a resumed run are the run's own, not this command line's.
     cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
     inject(model, cfg)
+    for param in model.parameters():  # zero-sized (PRoLoRA with u = 0): nothing to learn, and DDP
+        if param.numel() == 0:        # would wait for gradients they never get
+            param.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total_params = count_trainable(model)
-    loader, eval_loader = make_loaders(train_ds, eval_ds, tokenizer.pad_token_id, args)
+    loader, eval_loader = make_loaders(train_ds, eval_ds, tokenizer.pad_token_id, args, n)
+    sampler = loader.sampler
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * math.ceil(len(loader) / args.grad_accum)))
     optimizer = build_optimizer(model, adapter_layers(model), args)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
@@ -448,9 +490,9 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     raw_model = accelerator.unwrap_model(model)
     info = dict(model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
                 trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
-                steps=total_steps, batch=args.batch_size * args.grad_accum * accelerator.num_processes)
+                steps=total_steps, batch=args.batch_size * args.grad_accum * n, processes=n)
     return Run(args, cfg, report, accelerator, model, raw_model, adapter_layers(raw_model), loader, eval_loader,
-               optimizer, scheduler, total_steps, info)
+               optimizer, scheduler, total_steps, info, Progress(processes=n), sampler)
 
 
 def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
@@ -461,7 +503,8 @@ def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
 
     def save_hook(models, weights, output_dir):
         weights.clear()
-        save_adapter(output_dir, run.cfg, run.raw_model)
+        if run.main:
+            save_adapter(output_dir, run.cfg, run.raw_model)
 
     def load_hook(models, input_dir):
         models.clear()
@@ -471,8 +514,12 @@ def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
     run.accelerator.register_load_state_pre_hook(load_hook)
     args = run.args
     if resume_from is not None:
+        progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
+        if progress.processes != run.accelerator.num_processes:
+            raise UserError(f"{resume_from} was written by {progress.processes} process(es); resume it with "
+                            f"{progress.processes} (each process's random state and share of the data are in it)")
         run.accelerator.load_state(str(resume_from))
-        run.progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
+        run.progress = progress
         run.say(f"resuming from {resume_from.name} (step {run.progress.step} of {run.total_steps})")
     elif run.main:
         args.output.mkdir(parents=True, exist_ok=True)
@@ -514,7 +561,8 @@ def train(args: TrainArgs, report) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     summary = run.finish()
-    report.end(summary)
+    if run.main:
+        report.end(summary)
     return summary
 
 
