@@ -158,10 +158,13 @@ def load_tokenizer(model: str | None):
     return tok
 
 
-def load_model(model: str | None, quant: str = "nf4", device=None, trust_remote_code: bool = False):
+def load_model(model: str | None, quant: str = "nf4", device=None, trust_remote_code: bool = False,
+               fsdp: bool = False):
     """Load the base model for training or evaluation, frozen-ready.
 
     quant 'nf4': 4-bit NF4 with double quantisation (QLoRA), bf16 compute on CUDA, fp32 on CPU.
+    fsdp: for FSDP (sharding.py): the 4-bit weights are stored in the compute dtype, which FSDP can
+    shard, and accelerate places the model (rank 0 loads it; the others receive it).
     Returns (model, tokenizer, base_model_id).
     """
     if quant not in QUANTS:
@@ -176,22 +179,24 @@ def load_model(model: str | None, quant: str = "nf4", device=None, trust_remote_
     compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     kwargs = dict(dtype=compute, trust_remote_code=trust_remote_code)
     if quant == "nf4":
-        # Quantize from the checkpoint's own dtype: an fp32 copy of a bf16 7B on the way to 4 bits
-        # would take 27 GB. The NF4 codes are the same either way; the few layers kept in full
-        # precision are brought to the compute dtype below.
-        kwargs.update(dtype="auto", device_map={"": device}, quantization_config=BitsAndBytesConfig(
+        # Quantize from the checkpoint's own dtype rather than each tensor converted to fp32 first:
+        # less memory while loading, the same NF4 codes. The layers kept in full precision are
+        # brought to the compute dtype below.
+        kwargs.update(dtype="auto", quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute))
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if fsdp else torch.uint8))
+        if not fsdp:
+            kwargs["device_map"] = {"": device}
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load model {model or DEFAULT_MODEL}: {str(e).splitlines()[0]}") from None
     if quant == "nf4":
         keep_4bit_trainable(lm)
-        for param in lm.parameters():  # embeddings, norms, head; the 4-bit weights are uint8
-            if param.is_floating_point() and param.dtype != compute:
+        for param in lm.parameters():  # embeddings, norms, head (not the 4-bit weights)
+            if param.is_floating_point() and param.dtype != compute and not hasattr(param, "quant_state"):
                 param.data = param.data.to(compute)
-    else:
+    elif not fsdp:
         lm = lm.to(device)
     lm.config.use_cache = False
     return lm, load_tokenizer(model), model_id

@@ -257,6 +257,7 @@ class Run:
     info: dict
     progress: Progress = field(default_factory=Progress)
     sampler: Optional[EpochLengthSampler] = None  # the training order, set to each epoch by hand
+    shapes: dict = field(default_factory=dict)  # the layers' parameter shapes before any sharding
 
     @property
     def main(self) -> bool:
@@ -388,16 +389,38 @@ class Run:
                 p.epoch += 1
                 p.batch_in_epoch = 0
 
+    def save_adapter(self, folder: Path, cfg: AdapterConfig) -> None:
+        """Every process takes part (under FSDP the adapter is gathered block by block); the main
+        one writes."""
+        from prolora_cli.adapter_files import save_adapter_tensors
+        from prolora_cli.inject import saved_config
+        from prolora_cli.sharding import full_adapter_state
+
+        state = full_adapter_state(self.model, self.layers, self.shapes)
+        if self.main:
+            save_adapter_tensors(folder, saved_config(cfg, self.layers), state)
+
+    def load_adapter(self, state: dict) -> None:
+        from prolora_cli.inject import load_layers_state
+        from prolora_cli.sharding import load_full_adapter_state, units
+
+        if units(self.model):
+            load_full_adapter_state(self.model, self.layers, self.shapes, state)
+        else:
+            load_layers_state(self.layers, state)
+
     def finish(self) -> dict:
         """Save the final adapter (the method may compact it first), the loss plot, and summarise."""
-        from prolora_cli.adapter_files import save_adapter
-        from prolora_cli.inject import finalize
+        from prolora_cli.inject import adapter_layers, finalize
+        from prolora_cli.sharding import units
 
         final_cfg, message = finalize(self.raw_model, self.cfg)
         if message:
             self.say(message)
+        if not units(self.model):  # the layers the method finalized (FSDP refuses methods that rebuild)
+            self.layers = adapter_layers(self.raw_model)
+        self.save_adapter(self.args.output, final_cfg)
         if self.main:
-            save_adapter(self.args.output, final_cfg, self.raw_model)
             plot_losses(self.progress.history, self.args.output / "loss.png")
         self.accelerator.wait_for_everyone()
         p = self.progress
@@ -413,6 +436,7 @@ def load_inputs(args: TrainArgs, device, say):
     Returns (model, model_id, chat format, train dataset, eval dataset or None)."""
     from prolora_cli.chat_data import read_jsonl, resolve_chat_format
     from prolora_cli.models import load_model
+    from prolora_cli.sharding import fsdp_requested
 
     train_records, skipped = read_jsonl(args.data, args.skip_bad_lines)
     eval_records, eval_skipped = read_jsonl(args.eval_data, args.skip_bad_lines) if args.eval_data else ([], 0)
@@ -420,7 +444,7 @@ def load_inputs(args: TrainArgs, device, say):
         if count:
             say(f"{path}: skipped {count} bad line(s)")
     model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
-                                            trust_remote_code=args.trust_remote_code)
+                                            trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
     fmt = resolve_chat_format(tokenizer, args.chat_format)
     train_ds = tokenize_split(args.data, train_records, tokenizer, args, fmt, say)
     eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
@@ -453,7 +477,8 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    from prolora_cli.inject import adapter_layers, count_trainable, inject
+    from prolora_cli.inject import count_trainable, inject
+    from prolora_cli.sharding import check_shardable, fsdp_requested, param_shapes
 
     use_cpu = args.device == "cpu" or not torch.cuda.is_available()
     bf16 = not use_cpu and torch.cuda.is_bf16_supported()
@@ -470,7 +495,10 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
     # The adapter settings of a resumed run are the run's own, not this command line's.
     cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
-    inject(model, cfg)
+    layers = inject(model, cfg)
+    if fsdp_requested():
+        check_shardable(cfg, layers)
+    shapes = param_shapes(layers)
     for param in model.parameters():  # zero-sized (PRoLoRA with u = 0): nothing to learn, and DDP
         if param.numel() == 0:        # would wait for gradients they never get
             param.requires_grad_(False)
@@ -480,35 +508,33 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     loader, eval_loader = make_loaders(train_ds, eval_ds, tokenizer.pad_token_id, args, n)
     sampler = loader.sampler
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * math.ceil(len(loader) / args.grad_accum)))
-    optimizer = build_optimizer(model, adapter_layers(model), args)
+    optimizer = build_optimizer(model, layers, args)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     # Stepped by hand once per optimizer step; registered so checkpoints hold it.
     accelerator.register_for_checkpointing(scheduler)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model)  # under FSDP its paths hold wrappers: keep `layers`
     info = dict(model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
                 trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
                 steps=total_steps, batch=args.batch_size * args.grad_accum * n, processes=n)
-    return Run(args, cfg, report, accelerator, model, raw_model, adapter_layers(raw_model), loader, eval_loader,
-               optimizer, scheduler, total_steps, info, Progress(processes=n), sampler)
+    return Run(args, cfg, report, accelerator, model, raw_model, layers, loader, eval_loader,
+               optimizer, scheduler, total_steps, info, Progress(processes=n), sampler, shapes)
 
 
 def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
     """Checkpoints hold the adapter (never the frozen base); resume loads one, a new run writes
     its run_config.json. Either way train_log.jsonl restarts from the history kept so far."""
-    from prolora_cli.adapter_files import read_tensors, save_adapter
-    from prolora_cli.inject import load_state
+    from prolora_cli.adapter_files import read_tensors
 
     def save_hook(models, weights, output_dir):
         weights.clear()
-        if run.main:
-            save_adapter(output_dir, run.cfg, run.raw_model)
+        run.save_adapter(Path(output_dir), run.cfg)
 
     def load_hook(models, input_dir):
         models.clear()
-        load_state(run.raw_model, read_tensors(input_dir))
+        run.load_adapter(read_tensors(input_dir))
 
     run.accelerator.register_save_state_pre_hook(save_hook)
     run.accelerator.register_load_state_pre_hook(load_hook)

@@ -110,3 +110,51 @@ def test_the_trained_adapter_differs_from_a_single_process_on_half_the_batch(tin
     train(2, 2, tiny_model_dir, data, tmp_path / "two", *extra)
     with pytest.raises(AssertionError):
         assert_same_adapter(tmp_path / "half", tmp_path / "two")
+
+
+def test_fsdp_keeps_each_block_with_its_adapters_and_gathers_them_whole(tmp_path):
+    """torch FSDP (v1) on 2 gloo processes with prolora's wrap policy: one unit per decoder block,
+    every adapter layer whole exactly when its own block's unit is; a step equals the unsharded step on
+    the whole batch; the adapter gathered block by block round-trips through load."""
+    out = tmp_path / "fsdp.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(Path(__file__).parent / "fsdp_worker.py"), str(out)],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["world"] == 2 and found["blocks"] == 3 and found["units"] == 4  # 3 blocks + the root
+    assert len(found["whole_under"]) == found["layers"] == 21
+    for path, unit in found["whole_under"].items():
+        assert unit == f"LlamaDecoderLayer.{path.split('.')[2]}", (path, unit)
+    assert found["keys_equal"] and found["max_relative_diff"] < 1e-5
+    assert found["round_trip_exact"]
+
+
+@pytest.mark.parametrize("flags,needle", [(dict(method="tied-lora"), "shared by modules of different blocks"),
+                                          (dict(method="sora"), "rebuilds its layers")])
+def test_fsdp_refuses_what_it_cannot_shard(tiny_model, flags, needle):
+    from prolora_cli.config import AdapterConfig
+    from prolora_cli.errors import UserError
+    from prolora_cli.inject import inject
+    from prolora_cli.sharding import check_shardable
+
+    cfg = AdapterConfig.create(8, **flags)
+    with pytest.raises(UserError, match=needle):
+        check_shardable(cfg, inject(tiny_model, cfg))
+    check_shardable(AdapterConfig.create(8, unshared=1), {})  # PRoLoRA is fine
+
+
+def test_train_takes_the_fsdp_path_on_cpu_where_accelerate_cannot_shard(tiny_model_dir, data, tmp_path):
+    """Under `accelerate launch` with an FSDP config, accelerate sets ACCELERATE_USE_FSDP for every
+    process: train then stores the 4-bit weights in the compute dtype and refuses what FSDP cannot
+    shard. On a CPU accelerate runs it unsharded, which still runs that path end to end."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
+    def run(out, *adapter):
+        return subprocess.run(command(1, tiny_model_dir, data, tmp_path / out, "--batch-size", 2, "--max-steps", 2,
+                                      *adapter), capture_output=True, text=True, env=env)
+
+    done = run("run", "--rank", "8", "--unshared", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    refused = run("tied", "--method", "tied-lora")
+    assert_one_line_error(refused, "FSDP cannot shard this adapter")
