@@ -489,8 +489,8 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     set_seed(args.seed)
     say = report.message if accelerator.is_main_process else (lambda _msg: None)
     n = accelerator.num_processes
-    say(f"{n} process{'es' if n > 1 else ''} ({accelerator.distributed_type.value.lower()}): batch "
-        f"{args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
+    launch = f"{n} processes ({accelerator.distributed_type.value.lower()})" if n > 1 else "1 process"
+    say(f"{launch}: batch {args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
         f"{args.batch_size * n * args.grad_accum} sequences per step")
     model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
     # The adapter settings of a resumed run are the run's own, not this command line's.

@@ -60,7 +60,7 @@ def test_two_processes_take_the_steps_of_one_with_the_global_batch(tiny_model_di
     one = train(1, 4, tiny_model_dir, data, tmp_path / "one", *extra)
     two = train(2, 2, tiny_model_dir, data, tmp_path / "two", *extra)
     assert two.stdout.startswith("2 processes (multi_cpu): batch 2 per process x 2 x 2 accumulation = 8")
-    assert one.stdout.startswith("1 process (no): batch 4 per process x 1 x 2 accumulation = 8")
+    assert one.stdout.startswith("1 process: batch 4 per process x 1 x 2 accumulation = 8")
     assert two.stdout.count("training finished") == 1  # the other process stays quiet
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
     one_log = (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
