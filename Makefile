@@ -22,9 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 # A real QLoRA + PRoLoRA run on the embedded SmolLM2-135M-Instruct: ~2-3 minutes on 2 CPU cores.
 demo: install
-	$(BIN)/prolora train --data examples/chat/train.jsonl --eval-data examples/chat/dev.jsonl \
-		--rank 8 --unshared 1 --max-steps 30 --batch-size 4 --grad-accum 2 --max-seq-len 128 \
-		--lr 1e-3 --eval-every 10 --output runs/demo --overwrite
+	$(BIN)/prolora train --config examples/configs/smollm2-quick.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

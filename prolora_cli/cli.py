@@ -121,12 +121,27 @@ def count_params_cmd(
         out.print(result["note"])
 
 
+def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]):
+    """--config: the file's values become the command's defaults, so flags given on the command line win."""
+    if value is not None:
+        from prolora_cli.run_config import read_config_file
+
+        flags = {p.name: p.opts[0] for p in ctx.command.params if p.name}
+        ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, flags)}
+    return value
+
+
+CONFIG = typer.Option(None, "--config", is_eager=True, callback=load_config,
+                      help="A YAML or JSON file of this command's flags (keys: long flag names); flags "
+                      "given here win. A run's run_config.json is one.")
+
 MODEL = typer.Option(None, "--model", help="llama2-7b/13b/70b, a hub id, a local folder or a .gguf file. "
                      "Default: the embedded SmolLM2-135M-Instruct.")
 
 
 @app.command()
 def train(
+    config: Optional[Path] = CONFIG,
     data: Path = typer.Option(..., "--data", help="Chat JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"}."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out chat JSONL for eval loss."),
     output: Path = typer.Option(Path("runs/prolora"), "--output", "-o", help="Run folder: adapter, log, plot, checkpoints."),

@@ -93,6 +93,14 @@ class AdapterConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         self.settings.check(self.r, h, o)
 
+    def to_flags(self) -> dict:
+        """The train command's flags that create this config (the method's resolved settings included):
+        what run_config.json records so that `--config` repeats the run."""
+        by_field = {name: flag for flag, name in type(self.settings).FLAGS.items()}
+        own = {by_field[k]: v for k, v in self.settings.to_stored().items() if k in by_field and v is not None}
+        return {"method": self.method, "rank": self.r, "targets": ",".join(self.targets), "alpha": self.alpha,
+                "dropout": self.dropout, **own}
+
     def to_dict(self) -> dict:
         common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "modules")}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **common, **self.settings.to_stored(),

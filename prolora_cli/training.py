@@ -549,10 +549,13 @@ def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
         run.say(f"resuming from {resume_from.name} (step {run.progress.step} of {run.total_steps})")
     elif run.main:
         args.output.mkdir(parents=True, exist_ok=True)
-        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "adapter"}
+        from prolora_cli import __version__
+        from prolora_cli.run_config import RUN_KEY, flag_values
+
+        facts = {"prolora": __version__, "base_model": run.cfg.base_model, "chat_format_used": run.info["chat_format"],
+                 "processes": run.accelerator.num_processes, "adapter": run.cfg.to_dict()}
         write_text_atomic(args.output / RUN_CONFIG, json.dumps(
-            {**run_config, "adapter": run.cfg.to_dict(), "chat_format_used": run.info["chat_format"]},
-            indent=2) + "\n")
+            {**flag_values(args, run.cfg.to_flags()), RUN_KEY: facts}, indent=2) + "\n")
     if run.main:  # on resume, forget what the interrupted run logged after its checkpoint
         write_text_atomic(args.output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in run.progress.history))
 
