@@ -20,6 +20,7 @@ class Architecture:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    vocab_size: int = 0  # 0: unknown
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LLaMA block's linear layers."""
@@ -32,16 +33,16 @@ class Architecture:
         }
 
 
-def _arch(name, layers, hidden, inter, heads, kv_heads):
-    return Architecture(name, layers, hidden, inter, heads, kv_heads, hidden // heads)
+def _arch(name, layers, hidden, inter, heads, kv_heads, vocab):
+    return Architecture(name, layers, hidden, inter, heads, kv_heads, hidden // heads, vocab)
 
 
 # Real architectures, so budgets can be planned without downloading anything.
 PRESETS = {
-    "llama2-7b": _arch("llama2-7b", 32, 4096, 11008, 32, 32),
-    "llama2-13b": _arch("llama2-13b", 40, 5120, 13824, 40, 40),
-    "llama2-70b": _arch("llama2-70b", 80, 8192, 28672, 64, 8),
-    "smollm2-135m": _arch("smollm2-135m", 30, 576, 1536, 9, 3),
+    "llama2-7b": _arch("llama2-7b", 32, 4096, 11008, 32, 32, 32000),
+    "llama2-13b": _arch("llama2-13b", 40, 5120, 13824, 40, 40, 32000),
+    "llama2-70b": _arch("llama2-70b", 80, 8192, 28672, 64, 8, 32000),
+    "smollm2-135m": _arch("smollm2-135m", 30, 576, 1536, 9, 3, 49152),
 }
 
 # What each preset loads as a model (`prolora train --model llama2-7b`).
@@ -64,6 +65,7 @@ def from_config_dict(d: dict, name: str) -> Architecture:
             num_heads=heads,
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or hidden // heads),
+            vocab_size=int(d.get("vocab_size") or 0),
         )
     except KeyError as e:
         raise UserError(f"{name}: config has no {e.args[0]!r}; is it a LLaMA-architecture model?") from None

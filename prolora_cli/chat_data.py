@@ -1,4 +1,10 @@
-"""Chat JSONL: strict reading, rendering (Tulu or the tokenizer's template) and assistant-only labels.
+"""Chat data: strict reading in the shapes people have, rendering (Tulu or the tokenizer's template)
+and assistant-only labels.
+
+Shapes (DATA_FORMATS), detected per record unless --data-format names one: OpenAI `messages`
+(role/content), ShareGPT `conversations` (from/value; human/gpt/system), Alpaca `instruction` + optional
+`input` -> `output`, and `prompt` + `completion`. Files: JSONL read line by line (errors name the line),
+and JSON, Parquet, CSV or a `datasets` folder read through `datasets` (errors name the row).
 
 Labels come from character spans: the rendered text is tokenized once with offsets, and a token is
 trained on when it overlaps an assistant span (its content and end-of-turn token). That stays right
@@ -14,6 +20,12 @@ from prolora_cli.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 CHAT_FORMATS = ("auto", "tulu", "template")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt-completion")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+# What each shape needs to be recognised, in the order auto tries them.
+SHAPE_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+              "prompt-completion": ("prompt", "completion")}
 IGNORE = -100  # the label value transformers' loss skips
 
 
@@ -21,11 +33,53 @@ class BadRecord(ValueError):
     """One line's problem; the reader adds the file and line number."""
 
 
-def parse_record(obj) -> dict:
+def detect_format(obj) -> str | None:
+    """The shape of one record, or None."""
+    if isinstance(obj, dict):
+        for shape, keys in SHAPE_KEYS.items():
+            if keys[0] in obj:
+                return shape
+    return None
+
+
+def _sharegpt(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("\"conversations\" must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise BadRecord(f"turn {i} has no \"from\"")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise BadRecord(f"turn {i} has unknown role {turn['from']!r} (use {', '.join(SHAREGPT_ROLES)})")
+        if not isinstance(turn.get("value"), str):
+            raise BadRecord(f"turn {i} value must be a string")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _alpaca(obj) -> list[dict]:
+    fields = {k: obj.get(k) for k in ("instruction", "input", "output")}
+    if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
+        raise BadRecord("\"instruction\" and \"output\" must both be strings")
+    if fields["input"] not in (None, "") and not isinstance(fields["input"], str):
+        raise BadRecord("\"input\" must be a string")
+    prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+    system = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) and obj["system"] else []
+    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+
+
+def parse_record(obj, data_format: str = "auto") -> dict:
     """A JSON value -> {"messages": [...], plus kept extras}, or BadRecord naming the problem."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
+    shape = detect_format(obj) if data_format == "auto" else data_format
+    if shape is not None and data_format != "auto" and not all(k in obj for k in SHAPE_KEYS[shape][:1]):
+        raise BadRecord(f"not a {shape} record: needs {' and '.join(repr(k) for k in SHAPE_KEYS[shape])}")
+    if shape == "sharegpt":
+        messages = _sharegpt(obj["conversations"])
+    elif shape == "alpaca":
+        messages = _alpaca(obj)
+    elif "messages" in obj and shape == "messages":
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
             raise BadRecord("\"messages\" must be a non-empty list")
@@ -39,16 +93,17 @@ def parse_record(obj) -> dict:
             if not isinstance(msg.get("content"), str):
                 raise BadRecord(f"message {i} content must be a string")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    elif "prompt" in obj or "completion" in obj:
+    elif shape == "prompt-completion" or "completion" in obj:
         if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
             raise BadRecord("\"prompt\" and \"completion\" must both be strings")
         messages = [{"role": "user", "content": obj["prompt"]},
                     {"role": "assistant", "content": obj["completion"]}]
     else:
-        raise BadRecord("needs \"messages\", or \"prompt\" and \"completion\"")
+        raise BadRecord("needs \"messages\", \"conversations\" (ShareGPT), \"instruction\" and \"output\" "
+                        "(Alpaca), or \"prompt\" and \"completion\"")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant message")
-    record = {"messages": messages}
+    record = {"messages": messages, "format": shape or "prompt-completion"}
     for key in ("answers", "choices"):  # used by eval
         if key in obj:
             value = obj[key]
@@ -60,35 +115,87 @@ def parse_record(obj) -> dict:
     return record
 
 
-def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
-    """Every record of a chat JSONL file, each with its line number; and how many lines were skipped."""
+def where(record: dict) -> str:
+    """Where a record came from, for messages: its line (JSONL) or row (other files)."""
+    return f"line {record['line']}" if "line" in record else f"row {record['row']}"
+
+
+def read_data(path: str | Path, skip_bad_lines: bool = False, data_format: str = "auto") -> tuple[list[dict], int]:
+    """Every record of a chat data file (see the module docstring), and how many bad ones were skipped.
+    Each record says which shape it was read as ("format") and where it was ("line" or "row")."""
+    if data_format not in DATA_FORMATS:
+        raise UserError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
     path = Path(path)
+    if path.suffix == ".jsonl":
+        return collect(path, "line", jsonl_objects(path), data_format, skip_bad_lines)
+    return collect(path, "row", enumerate(load_table(path)), data_format, skip_bad_lines)
+
+
+def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
+    """A chat JSONL file's records (eval reads JSONL only)."""
+    return collect(Path(path), "line", jsonl_objects(Path(path)), "auto", skip_bad_lines)
+
+
+def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool) -> tuple[list[dict], int]:
+    """Parse (position, object) pairs; a bad one stops with one line naming the file and position
+    (or is skipped and counted). An object may be the BadRecord its line already raised."""
+    records, skipped = [], 0
+    for position, obj in objects:
+        try:
+            if isinstance(obj, BadRecord):
+                raise obj
+            record = parse_record(obj, data_format)
+        except BadRecord as e:
+            if not skip_bad:
+                raise UserError(f"{path}, {unit} {position}: {e} "
+                                f"(fix it, or pass --skip-bad-lines to skip such {unit}s)") from None
+            skipped += 1
+            continue
+        record[unit] = position
+        records.append(record)
+    if not records:
+        raise UserError(f"{path}: no examples" + (f" ({skipped} bad {unit}s skipped)" if skipped else ""))
+    return records, skipped
+
+
+def jsonl_objects(path: Path):
+    """(line number, parsed JSON or the BadRecord saying why not) for each non-blank line."""
     if not path.is_file():
         raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    records, skipped = [], 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                record = parse_record(obj)
-            except (UnicodeDecodeError, BadRecord) as e:
-                problem = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
-                if not skip_bad_lines:
-                    raise UserError(f"{path}, line {lineno}: {problem} "
-                                    f"(fix it, or pass --skip-bad-lines to skip such lines)") from None
-                skipped += 1
+                # Windows editors start a UTF-8 file with a byte-order mark.
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield lineno, BadRecord("not valid UTF-8")
                 continue
-            record["line"] = lineno
-            records.append(record)
-    if not records:
-        raise UserError(f"{path}: no examples" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-    return records, skipped
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield lineno, BadRecord(f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def load_table(path: Path):
+    """JSON, Parquet, CSV or a `datasets.save_to_disk` folder, through `datasets` (memory-mapped)."""
+    import datasets
+
+    if path.is_dir():
+        if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+            raise UserError(f"{path}: a folder that is not a saved dataset (no dataset_info.json)")
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[next(iter(loaded))] if isinstance(loaded, datasets.DatasetDict) else loaded
+    builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    if path.suffix not in builders:
+        raise UserError(f"{path}: unknown data file type (use .jsonl, .json, .parquet, .csv or a saved dataset folder)")
+    try:
+        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise UserError(f"{path}: cannot read it as {builders[path.suffix].upper()} ({str(e).splitlines()[0]})") from None
 
 
 def resolve_chat_format(tokenizer, chat_format: str) -> str:
@@ -192,11 +299,19 @@ def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_l
         try:
             return encode(record["messages"], tokenizer, chat_format, max_seq_len)
         except BadRecord as e:
-            raise UserError(f"{source}, line {record['line']}: {e}") from None
+            raise UserError(f"{source}, {record['at']}: {e}") from None
         except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, ValueError)
-            raise UserError(f"{source}, line {record['line']}: cannot render: {e}") from None
+            raise UserError(f"{source}, {record['at']}: cannot render: {e}") from None
 
-    ds = Dataset.from_list([{"messages": r["messages"], "line": r["line"]} for r in records])
+    ds = Dataset.from_list([{"messages": r["messages"], "at": where(r)} for r in records])
     ds = ds.map(one, remove_columns=["messages"], desc=None)
     kept = ds.filter(lambda ex: any(label != IGNORE for label in ex["labels"]))
     return kept, len(ds) - len(kept)
+
+
+def describe_formats(records: list[dict]) -> str:
+    """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found."""
+    from collections import Counter
+
+    counts = Counter(r["format"] for r in records)
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {f}" for f, n in counts.most_common())

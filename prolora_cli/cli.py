@@ -142,7 +142,8 @@ MODEL = typer.Option(None, "--model", help="llama2-7b/13b/70b, a hub id, a local
 @app.command()
 def train(
     config: Optional[Path] = CONFIG,
-    data: Path = typer.Option(..., "--data", help="Chat JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"}."),
+    data: Path = typer.Option(..., "--data", help="Chat data: .jsonl, .json, .parquet, .csv or a saved dataset "
+                              "folder; messages, ShareGPT, Alpaca or prompt/completion records."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out chat JSONL for eval loss."),
     output: Path = typer.Option(Path("runs/prolora"), "--output", "-o", help="Run folder: adapter, log, plot, checkpoints."),
     model: Optional[str] = MODEL,
@@ -158,6 +159,8 @@ def train(
     rank_last: Optional[int] = RANK_LAST, prune_every: Optional[int] = PRUNE_EVERY,
     prune_fraction: Optional[float] = PRUNE_FRACTION, max_sparsity: Optional[float] = MAX_SPARSITY,
     chat_format: str = typer.Option(TrainArgs.chat_format, "--chat-format", help="'tulu', 'template' (the tokenizer's) or 'auto'."),
+    data_format: str = typer.Option(TrainArgs.data_format, "--data-format", help="Shape of the records: auto "
+                                    "(detected per record), messages, sharegpt, alpaca or prompt-completion."),
     max_seq_len: int = typer.Option(TrainArgs.max_seq_len, "--max-seq-len", help="Truncate examples to this many tokens."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed lines instead of stopping."),
     lr: float = typer.Option(TrainArgs.lr, "--lr", help="Learning rate."),
@@ -180,8 +183,11 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --output."),
     device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read, render and count everything up to the first "
+                                 "step, without the model's weights; print it and write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the result as JSON."),
 ):
-    """Fine-tune a model with PRoLoRA (or --method) as QLoRA on a 4-bit NF4 base, on chat JSONL."""
+    """Fine-tune a model with PRoLoRA (or --method) as QLoRA on a 4-bit NF4 base, on chat data."""
     from prolora_cli.console import TrainReporter
     from prolora_cli.training import Interrupted
     from prolora_cli.training import train as run_training
@@ -194,13 +200,18 @@ def train(
         prune_fraction=prune_fraction, max_sparsity=max_sparsity)
     args = TrainArgs(
         data=data, output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
-        trust_remote_code=trust_remote_code, chat_format=chat_format, max_seq_len=max_seq_len,
+        trust_remote_code=trust_remote_code, chat_format=chat_format, data_format=data_format, max_seq_len=max_seq_len,
         skip_bad_lines=skip_bad_lines, lr=lr, lr_shared=lr_shared, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, batch_size=batch_size,
         grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, seed=seed,
         group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing,
         eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
         log_every=log_every, resume=resume, overwrite=overwrite, device=device)
+    if dry_run:
+        from prolora_cli.dry_run import dry_run as run_dry
+
+        print_dry_run(run_dry(args), as_json)
+        return
     reporter = TrainReporter(out)
     try:
         run_training(args, reporter)
@@ -212,6 +223,38 @@ def train(
         raise typer.Exit(130)
     finally:
         reporter.stop()
+
+
+def print_dry_run(r: dict, as_json: bool) -> None:
+    from rich.text import Text
+
+    if as_json:
+        out.print_json(json.dumps(r))
+        return
+    for note in r["notes"]:
+        out.print(note, highlight=False)
+    table = Table(title="dry run: nothing was trained or written", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    lengths = r["length"]
+    mem = r["memory_per_device_gib"]
+    for name, value in [
+            ("examples kept / dropped / bad", f"{r['examples']:,} / {r['dropped']:,} / {r['skipped_bad_records']:,}"),
+            ("data format / chat format", f"{r['data_format']} / {r['chat_format']}"),
+            ("tokens / trained tokens", f"{r['tokens']:,} / {r['trained_tokens']:,}"),
+            ("length min / median / p90 / max", f"{lengths['min']} / {lengths['median']:g} / {lengths['p90']} / {lengths['max']}"),
+            ("trainable params", f"{r['trainable_params']:,}"),
+            ("global batch (processes)", f"{r['global_batch']} ({r['processes']})"),
+            ("steps per epoch / steps", f"{r['steps_per_epoch']:,} / {r['steps']:,}"),
+            ("memory per device (estimate)", f"{mem['total']:.2f} GiB: base {mem['base']:.2f}, adapter+optimizer "
+                                             f"{mem['adapter_and_optimizer']:.2f}, activations {mem['activations']:.2f}")]:
+        table.add_row(name, value)
+    out.print(table)
+    example = Text()
+    for token, trained in zip(r["example"]["tokens"], r["example"]["trained"]):
+        example.append(token, style="bold green" if trained else "dim")
+    out.print("first example (trained tokens in bold green):")
+    out.print(example)
 
 
 ADAPTER = typer.Option(..., "--adapter", "-a", help="Adapter folder (adapter_config.json + adapter.safetensors).")

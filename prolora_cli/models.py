@@ -122,6 +122,8 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # datasets logs a parse failure before raising it; the raised error becomes the one line shown.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def loadable_source(model: str | None) -> tuple[str, str]:

@@ -43,6 +43,7 @@ class TrainArgs:
     quant: str = "nf4"
     trust_remote_code: bool = False
     chat_format: str = "auto"
+    data_format: str = "auto"
     max_seq_len: int = 512
     skip_bad_lines: bool = False
     lr: float = 2e-4
@@ -434,15 +435,17 @@ class Run:
 def load_inputs(args: TrainArgs, device, say):
     """Data first (a bad file should fail before the model loads), then model and tokenizer.
     Returns (model, model_id, chat format, train dataset, eval dataset or None)."""
-    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
+    from prolora_cli.chat_data import describe_formats, read_data, resolve_chat_format
     from prolora_cli.models import load_model
     from prolora_cli.sharding import fsdp_requested
 
-    train_records, skipped = read_jsonl(args.data, args.skip_bad_lines)
-    eval_records, eval_skipped = read_jsonl(args.eval_data, args.skip_bad_lines) if args.eval_data else ([], 0)
-    for path, count in ((args.data, skipped), (args.eval_data, eval_skipped)):
-        if count:
-            say(f"{path}: skipped {count} bad line(s)")
+    train_records, skipped = read_data(args.data, args.skip_bad_lines, args.data_format)
+    eval_records, eval_skipped = (read_data(args.eval_data, args.skip_bad_lines, args.data_format)
+                                  if args.eval_data else ([], 0))
+    for path, records, count in ((args.data, train_records, skipped), (args.eval_data, eval_records, eval_skipped)):
+        if records:
+            say(f"{path}: {len(records):,} examples ({describe_formats(records)})"
+                + (f", {count} bad record(s) skipped" if count else ""))
     model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
                                             trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
     fmt = resolve_chat_format(tokenizer, args.chat_format)
