@@ -180,6 +180,8 @@ def train(
     save_every: int = typer.Option(TrainArgs.save_every, "--save-every", help="Checkpoint every N steps (0: never)."),
     save_total_limit: int = typer.Option(TrainArgs.save_total_limit, "--save-total-limit", help="Checkpoints to keep."),
     log_every: int = typer.Option(TrainArgs.log_every, "--log-every", help="Log every N steps."),
+    report_to: str = typer.Option(TrainArgs.report_to, "--report-to", help="Also log to: none, tensorboard, wandb, "
+                                  "mlflow (comma-separated; each needs its package). TensorBoard writes to OUTPUT/logs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --output."),
     device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
@@ -206,7 +208,7 @@ def train(
         grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, seed=seed,
         group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing,
         eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
-        log_every=log_every, resume=resume, overwrite=overwrite, device=device)
+        log_every=log_every, report_to=report_to, resume=resume, overwrite=overwrite, device=device)
     if dry_run:
         from prolora_cli.dry_run import dry_run as run_dry
 

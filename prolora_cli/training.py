@@ -63,6 +63,7 @@ class TrainArgs:
     save_every: int = 0
     save_total_limit: int = 2
     log_every: int = 1
+    report_to: str = "none"  # comma-separated: tensorboard, wandb, mlflow
     resume: bool = False
     overwrite: bool = False
     device: Optional[str] = None  # mainly for tests; accelerate picks otherwise
@@ -84,8 +85,26 @@ class TrainArgs:
             raise UserError("--warmup-ratio must be in [0, 1)")
         if self.optim not in OPTIMIZERS:
             raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        trackers_of(self.report_to)  # an unknown or missing tracker fails before any work
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name: package it needs
+
+
+def trackers_of(report_to: str) -> list[str]:
+    """--report-to 'tensorboard,wandb' -> accelerate's tracker names; one line if one is unknown or
+    its package is not installed (they are optional)."""
+    import importlib.util
+
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(f"--report-to: unknown tracker {name!r} (use none, {', '.join(TRACKERS)})")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise UserError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+    return names
 
 
 @dataclass
@@ -274,6 +293,8 @@ class Run:
         if self.main:
             with (self.args.output / LOG_NAME).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.accelerator.log_with:  # trackers get the same numbers, by step
+            self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
 
     def evaluate(self) -> float:
         self.progress.last_eval_loss = mean_eval_loss(self.model, self.eval_loader, self.accelerator)
@@ -477,7 +498,7 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     """Everything up to the first step: accelerator, data, model with its adapter, optimizer."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
     from prolora_cli.inject import count_trainable, inject
@@ -488,7 +509,10 @@ def setup(args: TrainArgs, report, resume_from: Optional[Path]) -> Run:
     # Accumulation is done by hand (Run.train_step) to normalise the loss by the tokens of the
     # whole step; split_batches: each process takes its slice of every global micro-batch.
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=trackers_of(args.report_to) or None,
+                              project_config=ProjectConfiguration(project_dir=str(args.output),
+                                                                  logging_dir=str(args.output / "logs")))
     set_seed(args.seed)
     say = report.message if accelerator.is_main_process else (lambda _msg: None)
     n = accelerator.num_processes
@@ -585,6 +609,11 @@ def train(args: TrainArgs, report) -> dict:
         stop["asked"] = True
 
     signal.signal(signal.SIGINT, on_sigint)
+    if run.accelerator.log_with:  # the run's flags as hyperparameters (trackers take plain values only)
+        from prolora_cli.run_config import flag_values
+
+        flags = flag_values(run.args, run.cfg.to_flags())
+        run.accelerator.init_trackers("prolora", config={k: v for k, v in flags.items() if v is not None})
     report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
     try:
         if run.eval_loader is not None and run.progress.step == 0:  # where the curve starts
@@ -593,6 +622,8 @@ def train(args: TrainArgs, report) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     summary = run.finish()
+    if run.accelerator.log_with:
+        run.accelerator.end_training()
     if run.main:
         report.end(summary)
     return summary

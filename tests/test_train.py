@@ -220,3 +220,29 @@ def test_nf4_gradients_stay_exact_after_an_eval_pass(tiny_model_dir):
     ours, theirs = adapter_layers(quantized), adapter_layers(reference)
     for name in ours:  # A's gradient flows back through every later frozen 4-bit layer
         torch.testing.assert_close(ours[name].A_unshared.grad, theirs[name].A_unshared.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_report_to_tensorboard_logs_what_train_log_holds(tiny_model_dir, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = run_cli(*train_args(tiny_model_dir, data, out, "--max-steps", "4", "--report-to", "tensorboard",
+                                 "--eval-data", data / "dev.jsonl", "--eval-every", "2"))
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(out / "logs" / "prolora"))
+    events.Reload()
+    logged = {(e.step, round(e.value, 5)) for e in events.Scalars("loss")}
+    assert logged == {(r["step"], round(r["loss"], 5)) for r in log_records(out) if "loss" in r}
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 2, 4]
+    assert list((out / "logs" / "prolora").glob("*/hparams.yml"))  # the run's flags as hyperparameters
+
+
+def test_report_to_refuses_unknown_or_missing_trackers(tiny_model_dir, data, tmp_path):
+    assert_one_line_error(run_cli(*train_args(tiny_model_dir, data, tmp_path / "r", "--report-to", "foo")),
+                          "unknown tracker 'foo'")
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        assert_one_line_error(run_cli(*train_args(tiny_model_dir, data, tmp_path / "r", "--report-to", "mlflow")),
+                              "needs the mlflow package")
+    assert not (tmp_path / "r").exists()
