@@ -175,6 +175,8 @@ def train(
     epochs: float = typer.Option(TrainArgs.epochs, "--epochs"),
     seed: int = typer.Option(TrainArgs.seed, "--seed"),
     group_by_length: bool = typer.Option(TrainArgs.group_by_length, "--group-by-length/--no-group-by-length"),
+    packing: bool = typer.Option(False, "--packing", help="Pack several examples into each --max-seq-len "
+                                 "sequence (each attends only to itself): less padding."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     eval_every: int = typer.Option(TrainArgs.eval_every, "--eval-every", help="Eval every N steps (0: at start and end only)."),
     save_every: int = typer.Option(TrainArgs.save_every, "--save-every", help="Checkpoint every N steps (0: never)."),
@@ -206,7 +208,7 @@ def train(
         skip_bad_lines=skip_bad_lines, lr=lr, lr_shared=lr_shared, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, batch_size=batch_size,
         grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, seed=seed,
-        group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing,
+        group_by_length=group_by_length, packing=packing, gradient_checkpointing=gradient_checkpointing,
         eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
         log_every=log_every, report_to=report_to, resume=resume, overwrite=overwrite, device=device)
     if dry_run:

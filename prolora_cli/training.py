@@ -58,6 +58,7 @@ class TrainArgs:
     epochs: float = 1.0
     seed: int = 42
     group_by_length: bool = True
+    packing: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 0
     save_every: int = 0
@@ -114,6 +115,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens: int = 0
+    trained_tokens: int = 0
     elapsed: float = 0.0
     last_loss: Optional[float] = None
     last_eval_loss: Optional[float] = None
@@ -331,9 +333,10 @@ class Run:
 
         import torch
 
+        from prolora_cli.packing import seen_tokens
+
         acc = self.accelerator
-        local = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group),
-                 sum(int(b["attention_mask"].sum()) for b in group)]
+        local = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group), sum(seen_tokens(b) for b in group)]
         trained, seen = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
         total = torch.zeros((), device=acc.device)
         for i, batch in enumerate(group):
@@ -350,6 +353,7 @@ class Run:
         for layer in self.layers.values():
             layer.after_step(self.progress.step + 1, self.total_steps)
         self.progress.tokens += int(seen.item())  # every token processed, on all processes
+        self.progress.trained_tokens += int(trained.item())
         return acc.reduce(total, "sum").item()
 
     def end_of_step(self, window: dict) -> None:
@@ -362,9 +366,11 @@ class Run:
         record = None
         if p.step % args.log_every == 0 or p.step == self.total_steps:
             p.last_loss = window["loss"] / window["steps"]
+            seconds = max(now - window["start"], 1e-9)
             record = dict(step=p.step, epoch=p.epoch, loss=p.last_loss, lr=self.scheduler.get_last_lr()[0],
-                          tokens_per_s=window["tokens"] / max(now - window["start"], 1e-9), elapsed_s=p.elapsed)
-            window.update(tokens=0, start=now, loss=0.0, steps=0)
+                          tokens_per_s=window["tokens"] / seconds, trained_tokens_per_s=window["trained"] / seconds,
+                          elapsed_s=p.elapsed)
+            window.update(tokens=0, trained=0, start=now, loss=0.0, steps=0)
         if self.eval_loader is not None and (
                 p.step == self.total_steps or (args.eval_every and p.step % args.eval_every == 0)):
             record = {**(record or dict(step=p.step, epoch=p.epoch)), "eval_loss": self.evaluate()}
@@ -384,7 +390,7 @@ class Run:
         import itertools
 
         p, acc, accum = self.progress, self.accelerator, self.args.grad_accum
-        window = dict(started=time.perf_counter() - p.elapsed, start=time.perf_counter(), tokens=0,
+        window = dict(started=time.perf_counter() - p.elapsed, start=time.perf_counter(), tokens=0, trained=0,
                       loss=0.0, steps=0)
         self.model.train()
         while p.step < self.total_steps:
@@ -397,11 +403,11 @@ class Run:
             self.sampler.set_epoch(p.epoch)
             micro = iter(batches)
             while p.step < self.total_steps and (group := list(itertools.islice(micro, accum))):
-                tokens_before = p.tokens
+                before = p.tokens, p.trained_tokens
                 loss = self.train_step(group)
                 p.batch_in_epoch += len(group)
-                window.update(tokens=window["tokens"] + p.tokens - tokens_before, loss=window["loss"] + loss,
-                              steps=window["steps"] + 1)
+                window.update(tokens=window["tokens"] + p.tokens - before[0], loss=window["loss"] + loss,
+                              trained=window["trained"] + p.trained_tokens - before[1], steps=window["steps"] + 1)
                 self.end_of_step(window)
                 if self.stop_asked(stop):
                     raise Interrupted(self.save_checkpoint())
@@ -482,12 +488,17 @@ def make_loaders(train_ds, eval_ds, pad_id: int, args: TrainArgs, processes: int
     import torch
     from torch.utils.data import DataLoader
 
+    from prolora_cli.packing import collate_packed, pack
+
     size = args.batch_size * processes
+    columns = ["input_ids", "labels"]
+    if args.packing:  # rows of several examples, each attending only to itself
+        train_ds, columns = pack(train_ds, args.max_seq_len), [*columns, "position_ids"]
     sampler = EpochLengthSampler([len(x) for x in train_ds["input_ids"]], size, args.seed, args.group_by_length)
     # A dedicated generator: DataLoader draws a base seed per epoch, which must not touch the
     # global RNG (dropout) or a resumed run would drift.
-    loader = DataLoader(train_ds.with_format(None, columns=["input_ids", "labels"]),
-                        batch_size=size, sampler=sampler, collate_fn=collate(pad_id),
+    loader = DataLoader(train_ds.with_format(None, columns=columns), batch_size=size, sampler=sampler,
+                        collate_fn=collate_packed(pad_id) if args.packing else collate(pad_id),
                         generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None if eval_ds is None else DataLoader(
         eval_ds.with_format(None, columns=["input_ids", "labels"]), batch_size=size, collate_fn=collate(pad_id))
