@@ -120,15 +120,41 @@ def where(record: dict) -> str:
     return f"line {record['line']}" if "line" in record else f"row {record['row']}"
 
 
-def read_data(path: str | Path, skip_bad_lines: bool = False, data_format: str = "auto") -> tuple[list[dict], int]:
+def read_data(path: str | Path, skip_bad_lines: bool = False, data_format: str = "auto",
+              split: str = "train") -> tuple[list[dict], int]:
     """Every record of a chat data file (see the module docstring), and how many bad ones were skipped.
     Each record says which shape it was read as ("format") and where it was ("line" or "row")."""
     if data_format not in DATA_FORMATS:
         raise UserError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
+    if is_hub_id(path):
+        return collect(path, "row", enumerate(load_hub(str(path), split)), data_format, skip_bad_lines)
     path = Path(path)
     if path.suffix == ".jsonl":
         return collect(path, "line", jsonl_objects(path), data_format, skip_bad_lines)
     return collect(path, "row", enumerate(load_table(path)), data_format, skip_bad_lines)
+
+
+def is_hub_id(path) -> bool:
+    """'org/name' that is no local path: a dataset on the Hugging Face hub (read from the local cache)."""
+    text = str(path)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
+        and not Path(text).suffix
+
+
+def load_hub(name: str, split: str):
+    """A hub dataset from the local cache only (`huggingface-cli download --repo-type dataset` or an
+    earlier load_dataset fills it): a training run never waits on the network."""
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - not cached, or a bad split: both mean "not readable here"
+        raise UserError(f"{name}: no such local file, and no cached hub dataset of that name with split "
+                        f"{split!r} ({str(e).splitlines()[0]})") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
@@ -285,7 +311,7 @@ def encode(messages, tokenizer, chat_format: str, max_seq_len: int) -> dict:
 
 
 def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_len: int,
-                     source: str = "data"):
+                     source: str = "data", num_proc: int = 1):
     """A datasets.Dataset of input_ids/labels; examples left with no trained token are dropped.
 
     Returns (dataset, dropped_count).
@@ -304,7 +330,7 @@ def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_l
             raise UserError(f"{source}, {record['at']}: cannot render: {e}") from None
 
     ds = Dataset.from_list([{"messages": r["messages"], "at": where(r)} for r in records])
-    ds = ds.map(one, remove_columns=["messages"], desc=None)
+    ds = ds.map(one, remove_columns=["messages"], desc=None, num_proc=num_proc if num_proc > 1 else None)
     kept = ds.filter(lambda ex: any(label != IGNORE for label in ex["labels"]))
     return kept, len(ds) - len(kept)
 

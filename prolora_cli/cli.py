@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -126,8 +126,8 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[
     if value is not None:
         from prolora_cli.run_config import read_config_file
 
-        flags = {p.name: p.opts[0] for p in ctx.command.params if p.name}
-        ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, flags)}
+        params = {p.name: p for p in ctx.command.params if p.name}
+        ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, params)}
     return value
 
 
@@ -142,8 +142,13 @@ MODEL = typer.Option(None, "--model", help="llama2-7b/13b/70b, a hub id, a local
 @app.command()
 def train(
     config: Optional[Path] = CONFIG,
-    data: Path = typer.Option(..., "--data", help="Chat data: .jsonl, .json, .parquet, .csv or a saved dataset "
-                              "folder; messages, ShareGPT, Alpaca or prompt/completion records."),
+    data: List[Path] = typer.Option(..., "--data", help="Chat data: .jsonl, .json, .parquet, .csv, a saved dataset "
+                                    "folder or a cached hub dataset id; messages, ShareGPT, Alpaca or "
+                                    "prompt/completion records. Repeat to mix several."),
+    data_weights: Optional[str] = typer.Option(None, "--data-weights", help="Mix several --data by these weights "
+                                               "(like 0.7,0.3); default: concatenate."),
+    data_split: str = typer.Option(TrainArgs.data_split, "--data-split", help="Split of a hub dataset."),
+    num_proc: int = typer.Option(TrainArgs.num_proc, "--num-proc", help="Processes that tokenize the data."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out chat JSONL for eval loss."),
     output: Path = typer.Option(Path("runs/prolora"), "--output", "-o", help="Run folder: adapter, log, plot, checkpoints."),
     model: Optional[str] = MODEL,
@@ -203,7 +208,8 @@ def train(
         lambda_stages=lambda_stages, rank_first=rank_first, rank_last=rank_last, prune_every=prune_every,
         prune_fraction=prune_fraction, max_sparsity=max_sparsity)
     args = TrainArgs(
-        data=data, output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
+        data=list(data), data_weights=data_weights, data_split=data_split, num_proc=num_proc,
+        output=output, adapter=adapter, eval_data=eval_data, model=model, quant=quant,
         trust_remote_code=trust_remote_code, chat_format=chat_format, data_format=data_format, max_seq_len=max_seq_len,
         skip_bad_lines=skip_bad_lines, lr=lr, lr_shared=lr_shared, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, batch_size=batch_size,

@@ -17,17 +17,21 @@ ACTIVATION_BYTES = 34      # per token, hidden unit and block in 16 bits (Korthi
 
 def dry_run(args) -> dict:
     from prolora_cli.arch import resolve_architecture
-    from prolora_cli.chat_data import IGNORE, describe_formats, read_data, resolve_chat_format
+    from prolora_cli.chat_data import IGNORE, describe_formats, resolve_chat_format
     from prolora_cli.models import load_tokenizer, quiet_libraries
     from prolora_cli.planner import plan
-    from prolora_cli.training import tokenize_split
+    from prolora_cli.training import mix, read_sources, tokenize_split
 
     quiet_libraries()
-    records, skipped = read_data(args.data, args.skip_bad_lines, args.data_format)
+    notes: list[str] = []
+    sources = read_sources(args, notes.append)
+    records = [r for _, rs, _ in sources for r in rs]
+    skipped = sum(n for _, _, n in sources)
     tokenizer = load_tokenizer(args.model)
     fmt = resolve_chat_format(tokenizer, args.chat_format)
-    notes: list[str] = []
-    ds = tokenize_split(args.data, records, tokenizer, args, fmt, notes.append)
+    parts = [tokenize_split(src, rs, tokenizer, args, fmt, notes.append) for src, rs, _ in sources]
+    dropped = len(records) - sum(len(part) for part in parts)
+    ds = mix(parts, args)  # with --data-weights, sources may be drawn more than once
     lengths = [len(x) for x in ds["input_ids"]]
     trained = [sum(1 for t in labels if t != IGNORE) for labels in ds["labels"]]
     arch = resolve_architecture(args.model)
@@ -37,7 +41,7 @@ def dry_run(args) -> dict:
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (args.batch_size * processes)) / args.grad_accum)
     steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     example = ds[0]
-    return {"examples": len(lengths), "dropped": len(records) - len(lengths), "skipped_bad_records": skipped,
+    return {"examples": len(lengths), "dropped": dropped, "skipped_bad_records": skipped,
             "data_format": describe_formats(records), "chat_format": fmt, "notes": notes,
             "tokens": sum(lengths), "trained_tokens": sum(trained),
             "length": {"min": min(lengths), "median": statistics.median(lengths),

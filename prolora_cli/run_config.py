@@ -17,9 +17,9 @@ RUN_KEY = "run"  # facts about a run (base model id, chat format used, adapter c
 NOT_WRITTEN = ("config", "resume", "overwrite", "dry_run", "as_json")  # what one invocation decides, not the run
 
 
-def read_config_file(path: str | Path, flags: dict) -> dict:
-    """{parameter name: value} from a YAML or JSON file. `flags` = {parameter name: its flag} of the
-    command; an unknown key or a value of the wrong shape is one line naming the key."""
+def read_config_file(path: str | Path, params: dict) -> dict:
+    """{parameter name: value} from a YAML or JSON file. `params` = the command's click parameters by
+    name; an unknown key or a value of the wrong shape is one line naming the key."""
     import yaml
 
     path = Path(path)
@@ -40,12 +40,16 @@ def read_config_file(path: str | Path, flags: dict) -> dict:
         if key == RUN_KEY:
             continue
         name = str(key).lstrip("-").replace("-", "_")
-        if name not in flags or name in ("config",):
+        if name not in params or name == "config":
             raise UserError(f"{path}: unknown key {key!r} (not a flag of this command)")
-        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        repeated = getattr(params[name], "multiple", False)  # --data a --data b: always a list
+        if repeated and not isinstance(value, list):
+            value = [value]
+        scalars = isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)
+        if scalars and not repeated:
             value = ",".join(str(v) for v in value)  # targets: [q, v] as --targets q,v
-        elif isinstance(value, (dict, list)):
-            raise UserError(f"{path}: {key} must be a single value, got {type(value).__name__}")
+        if isinstance(value, dict) or (isinstance(value, list) and not scalars):
+            raise UserError(f"{path}: {key} must be a single value or a list of values, got {type(value).__name__}")
         values[name] = value
     return values
 
@@ -59,6 +63,8 @@ def flag_values(args, adapter_flags: dict) -> dict:
         if f.name == "adapter" or f.name in NOT_WRITTEN:
             continue
         value = getattr(args, f.name)
+        if isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
         out[f.name.replace("_", "-")] = str(value) if isinstance(value, Path) else value
     out.update({k.replace("_", "-"): v for k, v in adapter_flags.items()})
     return out

@@ -35,7 +35,7 @@ RUN_CONFIG = "run_config.json"
 
 @dataclass
 class TrainArgs:
-    data: Path
+    data: list  # of Paths (or hub dataset ids); one Path also works
     output: Path
     adapter: AdapterConfig
     eval_data: Optional[Path] = None
@@ -44,6 +44,9 @@ class TrainArgs:
     trust_remote_code: bool = False
     chat_format: str = "auto"
     data_format: str = "auto"
+    data_weights: Optional[str] = None  # "0.7,0.3": one per --data
+    data_split: str = "train"           # of a hub dataset
+    num_proc: int = 1                   # processes that tokenize
     max_seq_len: int = 512
     skip_bad_lines: bool = False
     lr: float = 2e-4
@@ -70,7 +73,7 @@ class TrainArgs:
     device: Optional[str] = None  # mainly for tests; accelerate picks otherwise
 
     def check(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_total_limit", "num_proc"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("eval_every", "save_every"):
@@ -206,7 +209,7 @@ def tokenize_split(path: Path, records: list[dict], tokenizer, args: TrainArgs, 
                    say: Callable[[str], None]):
     from prolora_cli.chat_data import tokenize_records
 
-    ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path))
+    ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path), args.num_proc)
     if dropped:
         say(f"{path}: dropped {dropped} example(s) with no assistant token within {args.max_seq_len} tokens")
     if len(ds) == 0:
@@ -459,24 +462,60 @@ class Run:
                     output=str(self.args.output), tokens=p.tokens)
 
 
+def read_sources(args: TrainArgs, say) -> list[tuple[str, list[dict], int]]:
+    """Every --data source's records (checked before the model loads): [(source, records, skipped)]."""
+    from prolora_cli.chat_data import describe_formats, read_data
+
+    sources = []
+    for path in data_sources(args):
+        records, skipped = read_data(path, args.skip_bad_lines, args.data_format, args.data_split)
+        say(f"{path}: {len(records):,} examples ({describe_formats(records)})"
+            + (f", {skipped} bad record(s) skipped" if skipped else ""))
+        sources.append((str(path), records, skipped))
+    return sources
+
+
+def data_sources(args: TrainArgs) -> list:
+    return list(args.data) if isinstance(args.data, (list, tuple)) else [args.data]
+
+
+def mix(datasets_: list, args: TrainArgs):
+    """One training set from several: concatenated, or drawn with --data-weights (datasets'
+    interleave_datasets, seeded, until every source has been seen whole)."""
+    import datasets
+
+    if len(datasets_) == 1:
+        return datasets_[0]
+    if not args.data_weights:
+        return datasets.concatenate_datasets(datasets_)
+    weights = parse_weights(args.data_weights, len(datasets_))
+    return datasets.interleave_datasets(datasets_, probabilities=weights, seed=args.seed,
+                                        stopping_strategy="all_exhausted")
+
+
+def parse_weights(text: str, count: int) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"--data-weights: cannot read {text!r} (like 0.7,0.3)") from None
+    if len(weights) != count or any(w <= 0 for w in weights):
+        raise UserError(f"--data-weights needs {count} positive numbers, one per --data, got {text!r}")
+    return [w / sum(weights) for w in weights]
+
+
 def load_inputs(args: TrainArgs, device, say):
     """Data first (a bad file should fail before the model loads), then model and tokenizer.
     Returns (model, model_id, chat format, train dataset, eval dataset or None)."""
-    from prolora_cli.chat_data import describe_formats, read_data, resolve_chat_format
+    from prolora_cli.chat_data import read_data, resolve_chat_format
     from prolora_cli.models import load_model
     from prolora_cli.sharding import fsdp_requested
 
-    train_records, skipped = read_data(args.data, args.skip_bad_lines, args.data_format)
-    eval_records, eval_skipped = (read_data(args.eval_data, args.skip_bad_lines, args.data_format)
-                                  if args.eval_data else ([], 0))
-    for path, records, count in ((args.data, train_records, skipped), (args.eval_data, eval_records, eval_skipped)):
-        if records:
-            say(f"{path}: {len(records):,} examples ({describe_formats(records)})"
-                + (f", {count} bad record(s) skipped" if count else ""))
+    sources = read_sources(args, say)
+    eval_records = read_data(args.eval_data, args.skip_bad_lines, args.data_format)[0] if args.eval_data else []
     model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
                                             trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
     fmt = resolve_chat_format(tokenizer, args.chat_format)
-    train_ds = tokenize_split(args.data, train_records, tokenizer, args, fmt, say)
+    train_ds = mix([tokenize_split(src, records, tokenizer, args, fmt, say) for src, records, _ in sources], args)
     eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
     return model, tokenizer, model_id, fmt, train_ds, eval_ds
 
@@ -624,7 +663,8 @@ def train(args: TrainArgs, report) -> dict:
         from prolora_cli.run_config import flag_values
 
         flags = flag_values(run.args, run.cfg.to_flags())
-        run.accelerator.init_trackers("prolora", config={k: v for k, v in flags.items() if v is not None})
+        run.accelerator.init_trackers("prolora", config={k: ",".join(v) if isinstance(v, list) else v
+                                                         for k, v in flags.items() if v is not None})
     report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
     try:
         if run.eval_loader is not None and run.progress.step == 0:  # where the curve starts

@@ -19,7 +19,7 @@ def train_flags():
     from prolora_cli.cli import app
 
     command = typer.main.get_command(app).commands["train"]
-    return {p.name: p.opts[0] for p in command.params}
+    return {p.name: p for p in command.params}
 
 
 @pytest.fixture(scope="module")

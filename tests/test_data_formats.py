@@ -83,3 +83,22 @@ def test_dry_run_prints_counts_and_a_highlighted_example(tiny_model_dir, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "dry run: nothing was trained or written" in result.stdout and "trained tokens" in result.stdout
     assert "41 + 1 = 42." in result.stdout or "2 + 3 = 5." in result.stdout
+
+
+def test_several_sources_mix_and_a_missing_hub_dataset_is_one_line(tiny_model_dir, tmp_path):
+    files = write_all(tmp_path)
+    both = dry_run(tiny_model_dir, files["messages.jsonl"], "--data", files["sharegpt.json"])
+    assert both["examples"] == 10 and both["tokens"] == 2 * dry_run(tiny_model_dir, files["alpaca.json"])["tokens"]
+    assert "5 examples (messages)" in both["notes"][0] and "5 examples (sharegpt)" in both["notes"][1]
+    weighted = dry_run(tiny_model_dir, files["messages.jsonl"], "--data", files["prompt.csv"], "--data-weights", "3,1")
+    assert weighted["examples"] >= 10  # drawn until every source was seen whole
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"data: [{files['messages.jsonl']}, {files['saved']}]\nmodel: {tiny_model_dir}\n")
+    from_file = run_cli("train", "--config", config, "--dry-run", "--json")
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["examples"] == 10
+
+    assert_one_line_error(run_cli("train", "--model", tiny_model_dir, "--data", files["messages.jsonl"], "--data",
+                                  files["saved"], "--data-weights", "1", "--dry-run"), "--data-weights needs 2")
+    assert_one_line_error(run_cli("train", "--model", tiny_model_dir, "--data", "someorg/not-cached", "--dry-run"),
+                          "someorg/not-cached", "no cached hub dataset")
