@@ -121,17 +121,48 @@ def where(record: dict) -> str:
 
 
 def read_data(path: str | Path, skip_bad_lines: bool = False, data_format: str = "auto",
-              split: str = "train") -> tuple[list[dict], int]:
-    """Every record of a chat data file (see the module docstring), and how many bad ones were skipped.
-    Each record says which shape it was read as ("format") and where it was ("line" or "row")."""
+              split: str = "train") -> tuple:
+    """(records, how many bad ones were skipped) of a chat data source (see the module docstring):
+    a list for JSONL, a memory-mapped dataset for the rest. Each record says which shape it was read as
+    ("format") and where it was ("line" or "row")."""
     if data_format not in DATA_FORMATS:
         raise UserError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
     if is_hub_id(path):
-        return collect(path, "row", enumerate(load_hub(str(path), split)), data_format, skip_bad_lines)
+        return table_records(str(path), load_hub(str(path), split), data_format, skip_bad_lines)
     path = Path(path)
     if path.suffix == ".jsonl":
         return collect(path, "line", jsonl_objects(path), data_format, skip_bad_lines)
-    return collect(path, "row", enumerate(load_table(path)), data_format, skip_bad_lines)
+    return table_records(str(path), load_table(path), data_format, skip_bad_lines)
+
+
+def table_records(source: str, table, data_format: str, skip_bad: bool):
+    """A table's rows as chat records, converted and checked by `datasets.map`: the result is another
+    memory-mapped dataset (messages, format, row), never a Python list. Its temporary files go to a
+    scratch folder, not beside the user's data (datasets' caching is off meanwhile)."""
+    import datasets
+
+    def convert(row, i):
+        try:
+            record = parse_record(dict(row), data_format)  # map hands over a lazy mapping
+            return {"messages": record["messages"], "format": record["format"], "row": i, "bad": ""}
+        except BadRecord as e:
+            return {"messages": [], "format": "", "row": i, "bad": str(e)}
+
+    caching = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        ds = table.map(convert, with_indices=True, remove_columns=table.column_names)
+        bad = ds.filter(lambda problem: problem != "", input_columns="bad")
+        if len(bad) and not skip_bad:
+            raise UserError(f"{source}, row {bad[0]['row']}: {bad[0]['bad']} "
+                            f"(fix it, or pass --skip-bad-lines to skip such rows)")
+        good = ds.filter(lambda problem: problem == "", input_columns="bad").remove_columns("bad")
+    finally:
+        if caching:
+            datasets.enable_caching()
+    if len(good) == 0:
+        raise UserError(f"{source}: no examples" + (f" ({len(bad)} bad rows skipped)" if len(bad) else ""))
+    return good, len(bad)
 
 
 def is_hub_id(path) -> bool:
@@ -310,7 +341,7 @@ def encode(messages, tokenizer, chat_format: str, max_seq_len: int) -> dict:
     return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
 
 
-def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_len: int,
+def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int,
                      source: str = "data", num_proc: int = 1):
     """A datasets.Dataset of input_ids/labels; examples left with no trained token are dropped.
 
@@ -329,15 +360,18 @@ def tokenize_records(records: list[dict], tokenizer, chat_format: str, max_seq_l
         except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, ValueError)
             raise UserError(f"{source}, {record['at']}: cannot render: {e}") from None
 
-    ds = Dataset.from_list([{"messages": r["messages"], "at": where(r)} for r in records])
+    if isinstance(records, list):  # JSONL, read line by line
+        ds = Dataset.from_list([{"messages": r["messages"], "at": where(r)} for r in records])
+    else:  # a table_records dataset
+        ds = records.map(lambda row: {"at": f"row {row}"}, input_columns="row", remove_columns=["row", "format"])
     ds = ds.map(one, remove_columns=["messages"], desc=None, num_proc=num_proc if num_proc > 1 else None)
     kept = ds.filter(lambda ex: any(label != IGNORE for label in ex["labels"]))
     return kept, len(ds) - len(kept)
 
 
-def describe_formats(records: list[dict]) -> str:
-    """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found."""
+def describe_formats(records) -> str:
+    """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found (records: a list or a dataset)."""
     from collections import Counter
 
-    counts = Counter(r["format"] for r in records)
+    counts = Counter(r["format"] for r in records) if isinstance(records, list) else Counter(records["format"])
     return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {f}" for f, n in counts.most_common())

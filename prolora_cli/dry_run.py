@@ -25,12 +25,12 @@ def dry_run(args) -> dict:
     quiet_libraries()
     notes: list[str] = []
     sources = read_sources(args, notes.append)
-    records = [r for _, rs, _ in sources for r in rs]
+    records = sum(len(rs) for _, rs, _ in sources)
     skipped = sum(n for _, _, n in sources)
     tokenizer = load_tokenizer(args.model)
     fmt = resolve_chat_format(tokenizer, args.chat_format)
     parts = [tokenize_split(src, rs, tokenizer, args, fmt, notes.append) for src, rs, _ in sources]
-    dropped = len(records) - sum(len(part) for part in parts)
+    dropped = records - sum(len(part) for part in parts)
     ds = mix(parts, args)  # with --data-weights, sources may be drawn more than once
     lengths = [len(x) for x in ds["input_ids"]]
     trained = [sum(1 for t in labels if t != IGNORE) for labels in ds["labels"]]
@@ -42,7 +42,7 @@ def dry_run(args) -> dict:
     steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     example = ds[0]
     return {"examples": len(lengths), "dropped": dropped, "skipped_bad_records": skipped,
-            "data_format": describe_formats(records), "chat_format": fmt, "notes": notes,
+            "data_format": ", ".join(describe_formats(rs) for _, rs, _ in sources), "chat_format": fmt, "notes": notes,
             "tokens": sum(lengths), "trained_tokens": sum(trained),
             "length": {"min": min(lengths), "median": statistics.median(lengths),
                        "p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))], "max": max(lengths)},

@@ -64,6 +64,12 @@ def test_explicit_format_and_bad_rows_are_one_line(tiny_model_dir, tmp_path):
     bad.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}]))
     assert_one_line_error(run_cli("train", "--model", tiny_model_dir, "--data", bad, "--dry-run"),
                           "bad.json, row 0", "unknown role 'robot'")
+    bad.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": 3, "output": "x"}]))
+    skipped = dry_run(tiny_model_dir, bad, "--skip-bad-lines")
+    assert (skipped["examples"], skipped["skipped_bad_records"]) == (1, 1)
+    before = sorted(p.name for p in files["saved"].iterdir())
+    dry_run(tiny_model_dir, files["saved"])
+    assert sorted(p.name for p in files["saved"].iterdir()) == before  # nothing written beside the user's data
     assert_one_line_error(run_cli("train", "--model", tiny_model_dir, "--data", tmp_path / "x.txt", "--dry-run"),
                           "x.txt")
     (tmp_path / "x.txt").write_text("hello")
