@@ -27,23 +27,21 @@ SHORT_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 COPY_CHUNK = 64 << 20  # bytes per read when a tensor is copied through unchanged
 
 
+# safetensors' dtype names and torch's; torch_dtype and dtype_name are the two directions of this table.
+TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def torch_dtype(name: str):
     import torch
 
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-    if name not in table:
+    if name not in TORCH_NAMES:
         raise UserError(f"tensors of dtype {name} are not supported")
-    return table[name]
+    return getattr(torch, TORCH_NAMES[name])
 
 
 def dtype_name(dtype) -> str:
-    import torch
-
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}[dtype]
+    return next(name for name, torch_name in TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
 
 
 ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

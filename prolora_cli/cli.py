@@ -121,6 +121,11 @@ def count_params_cmd(
         out.print(result["note"])
 
 
+def rank_zero() -> bool:
+    """The process that speaks under a launcher (torchrun sets RANK); the only one otherwise."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]):
     """--config: the file's values become the command's defaults, so flags given on the command line win."""
     if value is not None:
@@ -227,7 +232,7 @@ def train(
         run_training(args, reporter)
     except Interrupted as e:
         reporter.stop()
-        if os.environ.get("RANK", "0") == "0":
+        if rank_zero():
             err.print(f"interrupted: checkpoint saved in {e.checkpoint}; continue with the same command "
                       f"and --resume", highlight=False)
         raise typer.Exit(130)
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="prolora", standalone_mode=False)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same bad input
+        if rank_zero():  # under torchrun every process hits the same bad input
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:

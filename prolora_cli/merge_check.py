@@ -32,12 +32,18 @@ def fail(what: str) -> VerificationFailed:
     return VerificationFailed(f"merged model {what}; nothing was written")
 
 
-def check_structure(folder: Path, layout: dict) -> None:
+def read_index(folder: Path, layout: dict) -> tuple[dict, int | None]:
+    """(weight_map, stated total_size) of a written folder; a single file maps every key to itself."""
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return dict.fromkeys(layout, SINGLE_NAME), None
+    written_index = json.loads(index.read_text())
+    return written_index["weight_map"], written_index["metadata"]["total_size"]
+
+
+def check_structure(folder: Path, layout: dict, weight_map: dict, stated_total: int | None) -> None:
     from safetensors import safe_open
 
-    index = folder / INDEX_NAME
-    weight_map = (json.loads(index.read_text())["weight_map"] if index.is_file()
-                  else dict.fromkeys(layout, SINGLE_NAME))
     found, total = {}, 0
     for name in sorted(set(weight_map.values())):
         with safe_open(str(folder / name), framework="pt") as f:  # header only: no page is touched
@@ -56,17 +62,15 @@ def check_structure(folder: Path, layout: dict) -> None:
     extra = sorted(set(found) - set(layout))
     if extra:
         raise fail(f"has tensor {extra[0]}, which the base has not")
-    if index.is_file() and json.loads(index.read_text())["metadata"]["total_size"] != total:
+    if stated_total is not None and stated_total != total:
         raise fail("index states a total_size that is not the sum of its tensors")
 
 
-def written(folder: Path, key: str) -> torch.Tensor:
+def written(file: Path, key: str) -> torch.Tensor:
     """One tensor read back by safetensors itself, its file opened (memory-mapped) for that tensor only."""
     from safetensors import safe_open
 
-    index = folder / INDEX_NAME
-    name = json.loads(index.read_text())["weight_map"][key] if index.is_file() else SINGLE_NAME
-    with safe_open(str(folder / name), framework="pt") as f:
+    with safe_open(str(file), framework="pt") as f:
         return f.get_tensor(key)
 
 
@@ -75,7 +79,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def check_values(folder: Path, weights, layers: dict, layout: dict, say) -> dict:
+def check_values(folder: Path, weights, layers: dict, layout: dict, weight_map: dict, say) -> dict:
     """Every tensor against the base: (W0.float() + dW).to(dtype) for adapted ones, else the base's own."""
     adapted = {f"{path}.weight": layer for path, layer in layers.items()}
     counts = {"identical": 0, "converted": 0, "adapted": 0}
@@ -89,7 +93,7 @@ def check_values(folder: Path, weights, layers: dict, layout: dict, say) -> dict
             expected, kind = base.to(weights.out), "converted"
         else:
             expected, kind = base, "identical"
-        if not same_bits(written(folder, key), expected):
+        if not same_bits(written(folder / weight_map[key], key), expected):
             raise fail(f"tensor {key} differs from the base" + (" + dW" if kind == "adapted" else ""))
         counts[kind] += 1
         if (i + 1) % 50 == 0:
@@ -192,16 +196,16 @@ def check_function(folder: Path, weights, cfg, state, verify: str, tolerance: fl
             "max_block_relative_diff": block_diffs[worst] if block_diffs else None, "worst_block": worst}
 
 
-def check_merged(folder: Path, weights, layers: dict, cfg, state, verify: str, tolerance: float | None,
-                 dtype: str, say) -> dict:
+def check_merged(folder: Path, weights, layers: dict, layout: dict, cfg, state, verify: str,
+                 tolerance: float | None, dtype: str, say) -> dict:
     """Run the checks `verify` asks for ('stream', 'full' or 'none'); raise VerificationFailed."""
     if verify == "none":
         return {}
-    layout = weights.layout()
+    weight_map, stated_total = read_index(folder, layout)
     say("checking the written files' structure")
-    check_structure(folder, layout)
+    check_structure(folder, layout, weight_map, stated_total)
     say("checking every tensor against the base")
-    counts = check_values(folder, weights, layers, layout, say)
+    counts = check_values(folder, weights, layers, layout, weight_map, say)
     say(f"running probes through base + adapter and the merged model ({verify})")
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     return {"tensors_identical": counts["identical"], "tensors_converted": counts["converted"],

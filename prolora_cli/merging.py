@@ -12,11 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-from prolora_cli.checkpoint import DEFAULT_MAX_SHARD_SIZE, FLOATS, INDEX_NAME, Checkpoint
+from prolora_cli.checkpoint import DEFAULT_MAX_SHARD_SIZE, FLOATS, INDEX_NAME, SHORT_DTYPES, TORCH_NAMES, Checkpoint
 from prolora_cli.errors import UserError
 from prolora_cli.models import empty_model
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {short: TORCH_NAMES[stored] for stored, short in SHORT_DTYPES.items()}  # --dtype -> torch's name
 BASES = ("full", "nf4")
 VERIFY = ("stream", "full", "none")
 # Weight files a base folder may hold besides its safetensors; never copied into the merged model.
@@ -39,12 +39,12 @@ def nf4_round_trip(weight):
 class BaseWeights:
     """The base checkpoint as the adapter sees it: what each tensor of the merged model must hold."""
 
-    def __init__(self, folder: Path, base: str, out_dtype: str):
+    def __init__(self, ckpt: Checkpoint, base: str, out_dtype: str):
         import torch
         from torch import nn
 
-        self.ckpt = Checkpoint(folder)
-        self.skeleton = empty_model(folder)
+        self.ckpt = ckpt
+        self.skeleton = empty_model(ckpt.folder)
         self.out = getattr(torch, DTYPES[out_dtype])
         # QLoRA quantizes every linear layer but the output head; --base nf4 reproduces exactly that.
         self.quantized = {f"{name}.weight" for name, m in self.skeleton.named_modules()
@@ -155,10 +155,11 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     if not source:
         raise UserError(f"{adapter} records no base model; pass --model")
     folder, what = base_folder(source)
-    ckpt_dtype = Checkpoint(folder).dtype()
+    ckpt = Checkpoint(folder)
+    ckpt_dtype = ckpt.dtype()
     dtype_from = f"--dtype auto: {what}'s" if dtype == "auto" else "--dtype"
     dtype = (ckpt_dtype or "fp32") if dtype == "auto" else dtype
-    weights = BaseWeights(folder, base, dtype)
+    weights = BaseWeights(ckpt, base, dtype)
     layers = attach(weights.skeleton, cfg, state)  # names the first module that does not fit this base
 
     say(f"merging {len(layers)} modules into {source} ({base} weights, written as {dtype}, {dtype_from})")
@@ -166,7 +167,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     with atomic_dir(output, overwrite=overwrite) as tmp:
         index = write_checkpoint(tmp, layout, merged_tensors(weights, layers, layout), shard_bytes)
         write_config(folder, tmp, dtype)
-        checks = check_merged(tmp, weights, layers, cfg, state, verify, tolerance, dtype, say)
+        checks = check_merged(tmp, weights, layers, layout, cfg, state, verify, tolerance, dtype, say)
     return {"output": str(output), "dtype": dtype, "base": base, "base_model": source, "base_folder": str(folder),
             "base_dtype": ckpt_dtype, "dtype_from": dtype_from, "modules_merged": len(layers), "tensors": len(layout),
             "shards": len(set(index["weight_map"].values())), "total_size": index["metadata"]["total_size"],
