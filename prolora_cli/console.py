@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -81,11 +83,15 @@ class TrainReporter:
 
 
 class EvalProgress:
-    """One progress bar per evaluated model; use as a context manager."""
+    """One progress bar per evaluated model; use as a context manager. When the console is not a
+    terminal (CI logs, `| tee`), a bar would show nothing until the end, so it prints a line at every
+    tenth of the way instead."""
 
     def __init__(self, console: Console, enabled: bool = True):
+        self.console, self.enabled = console, enabled
+        self.lines = enabled and not console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(),
-                                 TimeRemainingColumn(), console=console, disable=not enabled)
+                                 TimeRemainingColumn(), console=console, disable=not enabled or self.lines)
 
     def __enter__(self):
         self.progress.start()
@@ -95,5 +101,16 @@ class EvalProgress:
         self.progress.stop()
 
     def __call__(self, label: str, total: int):
-        task = self.progress.add_task(label, total=total)
-        return lambda n: self.progress.advance(task, n)
+        if not self.lines:
+            task = self.progress.add_task(label, total=total)
+            return lambda n: self.progress.advance(task, n)
+        start, state = time.monotonic(), {"done": 0, "shown": 0}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            tenth = state["done"] * 10 // max(total, 1)
+            if tenth > state["shown"] or state["done"] == total:
+                state["shown"] = tenth
+                self.console.print(f"{label}: {state['done']}/{total} ({100 * state['done'] // max(total, 1)}%) "
+                                   f"in {time.monotonic() - start:.0f} s", highlight=False)
+        return advance

@@ -3,29 +3,34 @@
 Metrics:
 - loss: token-weighted cross-entropy over assistant tokens (the masking of training), and perplexity.
 - exact-match / f1: greedy generation of the last assistant turn from the conversation before it,
-  compared after normalising case and whitespace with `answers` (or the reference reply).
-- choice: for examples with `choices`, the option whose reply has the highest mean log-likelihood per
-  token; accuracy against `answers[0]` (or the reference reply).
+  compared with `answers` (or the reference reply) after SQuAD's normalisation (tasks/base.py).
+- choice: for examples with `choices`, the option with the highest log-likelihood per token
+  (`choice_acc_token`) and per character (`choice_acc_norm`, lm-eval's acc_norm); accuracy against
+  `answers[0]` (or the reference reply).
+
+`compare_models` is the loop both this and `eval --task` (task_eval.py) run: one base, loaded once,
+evaluated alone and with each adapter.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from prolora_cli.chat_data import IGNORE, pad_batch
 from prolora_cli.errors import UserError
+from prolora_cli.tasks.base import exact_match, token_f1
 
 METRICS = ("loss", "exact-match", "choice")
+CHOICE_METRICS = ("choice_acc_token", "choice_acc_norm")
 
 
 @dataclass
 class EvalArgs:
-    data: Path
+    data: Optional[Path] = None
     model: Optional[str] = None
     adapters: list[Path] = field(default_factory=list)
     with_base: bool = False
@@ -33,28 +38,23 @@ class EvalArgs:
     quant: str = "nf4"
     chat_format: str = "auto"
     max_seq_len: int = 512
-    max_new_tokens: int = 32
+    max_new_tokens: Optional[int] = None  # default: 32 for --data, the task's own for --task
     batch_size: int = 8
     limit: Optional[int] = None
     seed: int = 0
     by_task: bool = False
     skip_bad_lines: bool = False
     device: Optional[str] = None
-
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref:
-        return float(pred == ref)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    # eval --task (task_eval.py); None means the task's default
+    task: Optional[str] = None
+    task_data: Optional[Path] = None
+    shots: Optional[int] = None
+    cot: Optional[bool] = None
+    temperature: Optional[float] = None
+    samples: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    timeout: Optional[float] = None
+    allow_code_execution: bool = False
 
 
 def split_last_turn(messages: list[dict]) -> tuple[list[dict], str]:
@@ -138,10 +138,9 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
     labels, _ = pad_batch([o["labels"][prefix:] for o in options], IGNORE, left=False)
     mask = torch.cat([torch.ones(len(options), prefix, dtype=torch.long), tail_mask], dim=1)
     with torch.no_grad():
-        cache = decoder(input_ids=torch.tensor([seqs[0][:prefix]], device=device),
-                        use_cache=True).past_key_values
+        cache = decoder(input_ids=torch.tensor([seqs[0][:prefix]], device=device), use_cache=True).cache
         cache.batch_repeat_interleave(len(options))
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), cache=cache,
                          use_cache=True).last_hidden_state
         target = labels[:, 1:].to(device)
         trained = target != IGNORE
@@ -150,35 +149,11 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
     return [(sums[j].item(), int(n)) for j, n in enumerate(trained.sum(1).tolist())]
 
 
-def generate(model, tokenizer, prompts: list[str], add_special: bool, max_new_tokens: int, batch_size: int,
-             advance: Callable[[int], None]) -> list[str]:
-    """Greedy continuations, batched with left padding."""
-    import torch
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    eos = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
-                                      if t in tokenizer.get_vocab()}
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        seqs = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in chunk]
-        ids, mask = pad_batch(seqs, pad, left=True)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=sorted(e for e in eos if e is not None), use_cache=True)
-        for row in gen[:, ids.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-            results.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        advance(len(chunk))
-    return results
-
-
 def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalArgs,
                    advance: Callable[[int], None]) -> tuple[dict, list[dict]]:
     """Every requested metric on one model; returns (summary, per-example rows)."""
     from prolora_cli.chat_data import BadRecord, encode, render_prompt
+    from prolora_cli.generation import generate
 
     model.eval()
     rows = [{"line": r["line"], "task": r.get("task"), "references": references(r)} for r in records]
@@ -201,13 +176,12 @@ def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalAr
         summary["loss_tokens"] = count
     if "exact-match" in args.metrics:
         prompts = [render_prompt(split_last_turn(r["messages"])[0], tokenizer, fmt) for r in records]
-        predictions = generate(model, tokenizer, prompts, fmt == "tulu", args.max_new_tokens,
+        predictions = generate(model, tokenizer, prompts, fmt == "tulu", args.max_new_tokens or 32,
                                args.batch_size, advance)
-        for row, pred in zip(rows, predictions):
-            row["prediction"] = pred
-            row["exact_match"] = float(any(normalize_answer(pred) == normalize_answer(a)
-                                           for a in row["references"]))
-            row["f1"] = max(token_f1(pred, a) for a in row["references"])
+        for row, (pred,) in zip(rows, predictions):
+            row["prediction"] = pred.strip()
+            row["exact_match"] = exact_match(pred, row["references"])
+            row["f1"] = token_f1(pred, row["references"])
         summary["exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
         summary["f1"] = sum(r["f1"] for r in rows) / len(rows)
     if "choice" in args.metrics:
@@ -216,14 +190,18 @@ def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalAr
             before = split_last_turn(record["messages"])[0]
             options = [enc(before + [{"role": "assistant", "content": c}], record) for c in record["choices"]]
             scores = option_losses(model, options, tokenizer.pad_token_id)
-            # Mean log-likelihood per token, so long options are not penalised.
-            best = max(zip(record["choices"], scores), key=lambda cs: -cs[1][0] / max(cs[1][1], 1))[0]
-            rows[i]["choice"] = best
-            rows[i]["choice_correct"] = float(best == rows[i]["references"][0])
+            # Log-likelihood per token and per character (lm-eval's acc_norm), so that long options
+            # are not penalised for their length.
+            per_token = max(zip(record["choices"], scores), key=lambda cs: -cs[1][0] / max(cs[1][1], 1))[0]
+            per_char = max(zip(record["choices"], scores), key=lambda cs: -cs[1][0] / max(len(cs[0]), 1))[0]
+            rows[i].update(choice=per_token, choice_norm=per_char,
+                           choice_acc_token=float(per_token == rows[i]["references"][0]),
+                           choice_acc_norm=float(per_char == rows[i]["references"][0]))
             advance(1)
-        graded = [rows[i]["choice_correct"] for i, _ in with_choices]
-        summary["choice_accuracy"] = sum(graded) / len(graded) if graded else None
-        summary["choice_examples"] = len(graded)
+        for key in CHOICE_METRICS:
+            graded = [rows[i][key] for i, _ in with_choices]
+            summary[key] = sum(graded) / len(graded) if graded else None
+        summary["choice_examples"] = len(with_choices)
     summary["examples"] = len(records)
     if args.by_task:
         summary["by_task"] = by_task(rows)
@@ -243,50 +221,64 @@ def by_task(rows: list[dict]) -> dict:
         if any("exact_match" in r for r in group):
             s["exact_match"] = sum(r["exact_match"] for r in group) / len(group)
             s["f1"] = sum(r["f1"] for r in group) / len(group)
-        graded = [r["choice_correct"] for r in group if "choice_correct" in r]
-        if graded:
-            s["choice_accuracy"] = sum(graded) / len(graded)
+        for key in CHOICE_METRICS:
+            graded = [r[key] for r in group if key in r]
+            if graded:
+                s[key] = sum(graded) / len(graded)
         out[task] = s
     return out
 
 
 def run_eval(args: EvalArgs, progress) -> dict:
-    """Evaluate the base (if asked or alone) and every adapter on the same examples.
+    """Evaluate the base (if asked or alone) and every adapter on the same chat examples.
 
     `progress(label, total)` returns an `advance(n)` callable for that model's pass.
     """
-    from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
-    from prolora_cli.chat_data import read_jsonl, resolve_chat_format
-    from prolora_cli.inject import attach, count_trainable, remove_adapters
-    from prolora_cli.models import load_model
+    from prolora_cli.chat_data import read_jsonl
 
     unknown = set(args.metrics) - set(METRICS)
     if unknown:
         raise UserError(f"unknown metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
+    if args.batch_size < 1 or (args.max_new_tokens or 1) < 1:
         raise UserError("--batch-size and --max-new-tokens must be >= 1")
     records, skipped = read_jsonl(args.data, args.skip_bad_lines)
     records = select(records, args.limit, args.seed)
+    per_pass = len(records) * (("loss" in args.metrics) + ("exact-match" in args.metrics)) + \
+        sum(1 for r in records if r.get("choices")) * ("choice" in args.metrics)
+    report = compare_models(args, progress, per_pass, lambda model, tokenizer, fmt, advance: evaluate_model(
+        model, tokenizer, records, fmt, args, advance))
+    return {"data": str(args.data), "examples": len(records), "skipped_lines": skipped,
+            "metrics": list(args.metrics), **report}
+
+
+def compare_models(args: EvalArgs, progress, per_pass: int, evaluate, plain_ok: bool = False) -> dict:
+    """Load the base once; run `evaluate(model, tokenizer, chat_format, advance) -> (summary, rows)` on it
+    (when asked, or when there is no adapter) and with each adapter attached in turn."""
+    from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
+    from prolora_cli.chat_data import resolve_chat_format
+    from prolora_cli.inject import attach, count_trainable, remove_adapters
+    from prolora_cli.models import load_model
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    plain = plain_ok and args.chat_format == "plain"
     # Read every adapter before loading the model: a bad folder fails in a second.
     adapters = [(path, read_config(path), read_tensors(path)) for path in args.adapters]
     model_name = args.model or (adapters[0][1].base_model if adapters else None)
     model, tokenizer, model_id = load_model(model_name, args.quant, device=args.device)
-    fmt = resolve_chat_format(tokenizer, args.chat_format)
-    per_pass = len(records) * (("loss" in args.metrics) + ("exact-match" in args.metrics)) + \
-        sum(1 for r in records if r.get("choices")) * ("choice" in args.metrics)
+    fmt = "plain" if plain else resolve_chat_format(tokenizer, args.chat_format)
 
     results, predictions = [], []  # predictions: (name, rows), in the order of results
     if not adapters or args.with_base:
-        summary, rows = evaluate_model(model, tokenizer, records, fmt, args, progress("base", per_pass))
+        summary, rows = evaluate(model, tokenizer, fmt, progress("base", per_pass))
         results.append({"name": "base", "adapter": None, "trainable_params": 0, "bytes": 0, **summary})
         predictions.append(("base", rows))
     for path, cfg, state in adapters:
         attach(model, cfg, state)
         trainable, _ = count_trainable(model)
-        summary, rows = evaluate_model(model, tokenizer, records, fmt, args, progress(str(path), per_pass))
+        summary, rows = evaluate(model, tokenizer, fmt, progress(str(path), per_pass))
         results.append({"name": str(path), "adapter": str(path), "trainable_params": trainable,
                         "bytes": (Path(path) / WEIGHTS_NAME).stat().st_size, **summary})
         predictions.append((str(path), rows))
         remove_adapters(model)
-    return {"model": model_id, "data": str(args.data), "examples": len(records), "skipped_lines": skipped,
-            "chat_format": fmt, "metrics": list(args.metrics), "results": results, "predictions": predictions}
+    return {"model": model_id, "chat_format": fmt, "results": results, "predictions": predictions}

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run_cli, train_tokenizer
 from prolora_cli.chat_data import IGNORE, encode
-from prolora_cli.evaluation import EvalArgs, evaluate_model, normalize_answer, option_losses, token_f1, token_losses
+from prolora_cli.evaluation import EvalArgs, evaluate_model, option_losses, token_losses
+from prolora_cli.tasks.base import exact_match, normalize_answer, token_f1
 
 QA = [("What is 12 + 30?", "12 + 30 = 42.", ["12 + 30 = 42.", "12 + 30 = 24."]),
       ("Reverse the order of these words: apple river", "river apple", ["apple river", "river apple"]),
@@ -30,10 +31,15 @@ def record(q, a, choices=None, line=1, task=None):
     return r
 
 
-def test_normalisation_and_f1_by_hand():
-    assert normalize_answer("  The  Capital\n is LIMA ") == "the capital is lima"
-    assert token_f1("the capital is lima", "The capital of Peru is Lima") == pytest.approx(2 * 1 * (4 / 6) / (1 + 4 / 6))
-    assert token_f1("", "") == 1.0 and token_f1("x", "y") == 0.0
+def test_squad_normalisation_exact_match_and_f1_by_hand():
+    # SQuAD: lower case, punctuation and the articles a/an/the removed, whitespace collapsed.
+    assert normalize_answer("  The  Capital,\n is LIMA! ") == "capital is lima"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert exact_match("the Lima.", ["Rome", "lima"]) == 1.0 and exact_match("Lima, Peru", ["Lima"]) == 0.0
+    # pred {capital, is, lima} against {capital, of, peru, is, lima}: precision 1, recall 3/5.
+    assert token_f1("the capital is lima", ["The capital of Peru is Lima"]) == pytest.approx(2 * 0.6 / 1.6)
+    assert token_f1("lima", ["Rome", "Lima!"]) == 1.0  # the best reference counts
+    assert token_f1("", [""]) == 1.0 and token_f1("x", ["y"]) == 0.0
 
 
 def test_loss_equals_a_hand_computation(tiny_model_dir):
@@ -74,12 +80,12 @@ def test_option_scoring_with_a_shared_prompt_equals_scoring_each_option_alone(ti
 def test_exact_match_scores_the_models_own_greedy_answer(tiny_model_dir):
     """References set to what the model greedily says (case and spacing changed) score 100%."""
     from prolora_cli.chat_data import render_prompt
-    from prolora_cli.evaluation import generate
+    from prolora_cli.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = train_tokenizer()
     prompts = [render_prompt([{"role": "user", "content": q}], tok, "template") for q, _, _ in QA]
-    said = generate(model, tok, prompts, False, 6, 2, lambda _n: None)
+    said = [s.strip() for (s,) in generate(model, tok, prompts, False, 6, 2, lambda _n: None)]
     records = [record(q, "unused", line=i) | {"answers": ["  " + s.upper() + " "]}
                for i, ((q, _, _), s) in enumerate(zip(QA, said))]
     summary, rows = evaluate_model(model, tok, records, "template",
@@ -135,7 +141,7 @@ def test_trained_adapter_answers_and_the_table_lists_every_model(wide_model_dir,
     report = json.loads(result.stdout)
     assert [r["name"] for r in report["results"]] == ["base", str(memorizer), str(memorizer)]
     base, trained = report["results"][0], report["results"][1]
-    assert trained["exact_match"] == 1.0 and trained["choice_accuracy"] == 1.0
+    assert trained["exact_match"] == 1.0 and trained["choice_acc_token"] == 1.0 == trained["choice_acc_norm"]
     assert base["exact_match"] == 0.0 and trained["loss"] < base["loss"] / 5
     assert trained["trainable_params"] > 0 and trained["bytes"] > 0
     assert set(trained["by_task"]) == {"arith", "other"}
@@ -180,3 +186,24 @@ def test_eval_on_the_embedded_model(tmp_path):
     assert result.returncode == 0, result.stderr
     base = json.loads(result.stdout)["results"][0]
     assert 0 < base["loss"] < 10 and 0 <= base["exact_match"] <= 1
+
+
+def test_our_calls_into_transformers_raise_no_deprecation_warnings(tiny_model_dir):
+    """pyproject hides deprecation warnings in tests; here they are shown and must not come from
+    scoring options with a shared KV cache, nor from batched, sampled generation with stop strings."""
+    import warnings
+
+    from prolora_cli.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = train_tokenizer()
+    before = [{"role": "user", "content": "What is the capital of Peru?"}]
+    options = [encode(before + [{"role": "assistant", "content": o}], tok, "tulu", 512) for o in ("Lima", "Rome")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        option_losses(model, options, tok.pad_token_id)
+        generate(model, tok, ["<|user|>\nHi\n<|assistant|>\n"] * 3, True, 4, 2, lambda _n: None,
+                 temperature=0.5, samples=2, stop=("\n",))
+        generate(model, tok, ["<|user|>\nHi\n<|assistant|>\n"], True, 4, 2, lambda _n: None)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecations
