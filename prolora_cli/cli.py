@@ -38,6 +38,8 @@ TARGETS = typer.Option(None, "--targets", help="Layers to adapt: q,k,v,o,gate,up
 METHOD = typer.Option(DEFAULT_METHOD, "--method", help=f"Adapter method: {', '.join(method_names())} "
                       "(see docs/methods.md).")
 ALPHA = typer.Option(AdapterConfig.alpha, "--alpha", help="LoRA alpha; scaling = alpha / rank.")
+SCALING = typer.Option(AdapterConfig.scaling_rule, "--scaling", help="'standard' (alpha / rank) or 'rslora' "
+                       "(alpha / sqrt(rank): the step size no longer shrinks as the rank grows).")
 DROPOUT = typer.Option(AdapterConfig.dropout, "--dropout", help="Dropout on the adapter's input.")
 # Each method's own flags; a flag given to a method that has no such setting is an error.
 UNSHARED = typer.Option(None, "--unshared", "-u", help="PRoLoRA: unshared ranks u (default: = rank, i.e. plain LoRA).")
@@ -161,7 +163,7 @@ def train(
     quant: str = typer.Option(TrainArgs.quant, "--quant", help="'nf4' (4-bit QLoRA base) or 'none' (full precision)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     method: str = METHOD, rank: int = RANK, targets: Optional[str] = TARGETS, alpha: float = ALPHA,
-    dropout: float = DROPOUT,
+    scaling: str = SCALING, dropout: float = DROPOUT,
     unshared: Optional[int] = UNSHARED, share: Optional[int] = SHARE, share_b: Optional[int] = SHARE_B,
     broadcast: Optional[str] = BROADCAST, rotation: Optional[str] = ROTATION, init: Optional[str] = INIT,
     vera_seed: Optional[int] = VERA_SEED, sparse_lambda: Optional[float] = SPARSE_LAMBDA,
@@ -208,8 +210,8 @@ def train(
     from prolora_cli.training import train as run_training
 
     adapter = AdapterConfig.create(
-        rank, method=method, targets=targets, alpha=alpha, dropout=dropout, unshared=unshared, share=share,
-        share_b=share_b, broadcast=broadcast, rotation=rotation, init=init, vera_seed=vera_seed,
+        rank, method=method, targets=targets, alpha=alpha, dropout=dropout, scaling=scaling, unshared=unshared,
+        share=share, share_b=share_b, broadcast=broadcast, rotation=rotation, init=init, vera_seed=vera_seed,
         sparse_lambda=sparse_lambda, sparse_lambda_2=sparse_lambda_2, max_lambda=max_lambda,
         lambda_stages=lambda_stages, rank_first=rank_first, rank_last=rank_last, prune_every=prune_every,
         prune_fraction=prune_fraction, max_sparsity=max_sparsity)

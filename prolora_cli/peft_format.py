@@ -26,6 +26,7 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
     check_output_free(output, overwrite)
     cfg, state = read_config(adapter), read_tensors(adapter)
     tensors, ranks, alphas = {}, {}, {}
+    rslora = cfg.scaling_rule == "rslora" and not scale_into_b
     for path, layer in standalone_layers(cfg, state).items():
         a, b = layer.factors()  # every method is a LoRA once expanded, gated or masked
         scaling = layer.scaling
@@ -33,7 +34,8 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
             b, scaling = b * scaling, 1.0
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().contiguous()
-        ranks[path], alphas[path] = a.shape[0], scaling * a.shape[0]  # PEFT scales by alpha / r
+        # PEFT scales by lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+        ranks[path], alphas[path] = a.shape[0], scaling * (math.sqrt(a.shape[0]) if rslora else a.shape[0])
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     peft_config = {
@@ -41,7 +43,7 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
         "lora_dropout": cfg.dropout,
         "target_modules": [t for t in ALL_TARGETS if any(p.endswith("." + t) for p in ranks)],
         "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": rslora, "modules_to_save": None, "init_lora_weights": True,
         "base_model_name_or_path": cfg.base_model, "inference_mode": True,
         # Per-module exceptions, by full module path (PEFT matches a pattern at a name's end).
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},

@@ -150,7 +150,7 @@ def test_merge_failure_paths(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("settings,scale", [(dict(unshared=8), False), (dict(share_b=5), False),
-                                            (dict(share_b=5), True)])
+                                            (dict(share_b=5), True), (dict(scaling="rslora"), False)])
 def test_export_loads_in_peft_with_equal_logits(tiny_model_dir, tmp_path, settings, scale):
     from peft import PeftModel
 
@@ -159,7 +159,10 @@ def test_export_loads_in_peft_with_equal_logits(tiny_model_dir, tmp_path, settin
     assert run_cli(*args, *(["--scale-into-b"] if scale else [])).returncode == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
-    assert config["lora_alpha"] == (8 if scale else 16)
+    # rsLoRA: PEFT's use_rslora scales by lora_alpha / sqrt(r), as prolora did while training.
+    rslora = settings.get("scaling") == "rslora"
+    assert config["use_rslora"] == rslora
+    assert config["lora_alpha"] == pytest.approx(8 if scale else 16)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
     with torch.no_grad():
         theirs = peft_model.eval()(IDS).logits

@@ -238,3 +238,20 @@ def test_nf4_base_forward_and_backward_on_cpu():
 def test_invalid_settings_raise(bad, msg):
     with pytest.raises(ValueError, match=msg):
         PRoLoRALinear(nn.Linear(37, 23), **bad)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_rank_and_is_stored():
+    from prolora_cli.config import AdapterConfig
+
+    lora = AdapterConfig.create(16, alpha=16, scaling="rslora", method="lora")
+    assert lora.scaling == 4.0 and AdapterConfig.create(16, alpha=16, method="lora").scaling == 1.0
+    layer = next(iter(lora.impl.build_layers(lora, {"m": torch.nn.Linear(32, 24, bias=False)}).values()))
+    assert layer.scaling == 4.0
+    stored = lora.to_dict()
+    assert stored["scaling_rule"] == "rslora" and stored["format_version"] == 3  # older prolora refuses it
+    assert AdapterConfig.from_dict(stored).scaling == 4.0
+    assert AdapterConfig.create(16, method="lora").to_dict()["format_version"] == 2
+    for method in ("prolora", "tied-lora", "sora", "prilora"):
+        cfg = AdapterConfig.create(8, alpha=16, scaling="rslora", method=method)
+        layers = cfg.impl.build_layers(cfg, {"model.layers.0.self_attn.q_proj": torch.nn.Linear(32, 32, bias=False)})
+        assert {round(layer.scaling, 6) for layer in layers.values()} == {round(16 / 8 ** 0.5, 6)}, method

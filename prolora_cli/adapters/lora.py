@@ -29,7 +29,7 @@ class LoRA(Method):
     name, title = "lora", "LoRA"
 
     def build_layers(self, cfg, bases):
-        return {path: lora_layer(base, cfg.r, cfg.alpha, cfg.dropout) for path, base in bases.items()}
+        return {path: lora_layer(base, cfg.r, cfg.alpha, cfg.dropout, scaling=cfg.scaling) for path, base in bases.items()}
 
     def count(self, cfg, shapes, num_layers):
         return {t: [count_params(h, o, cfg.r, cfg.r, 1, 1)] * num_layers for t, (h, o) in shapes.items()}, 0
@@ -40,7 +40,8 @@ class LoRA(Method):
     def from_factors(self, cfg, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, PRoLoRALinear]:
         """Layers holding given (A, B) per module path, on size-only stand-ins for the base."""
         return {path: lora_layer(nn.Linear(a.shape[1], b.shape[0], bias=False, device="meta"), cfg.r,
-                                 cfg.alpha, cfg.dropout, factors=(a, b)) for path, (a, b) in factors.items()}
+                                 cfg.alpha, cfg.dropout, scaling=cfg.scaling, factors=(a, b))
+                for path, (a, b) in factors.items()}
 
 
 METHOD = LoRA()

@@ -146,7 +146,7 @@ class PRILoRA(Method):
         num_blocks = max((block_index(p) for p in bases), default=0) + 1
         ramp = rank_ramp(s.rank_first, s.rank_last, num_blocks)
         return {path: PRILoRALinear(base, s.ranks[path] if s.ranks else ramp[block_index(path)],
-                                    cfg.alpha / cfg.r, cfg.dropout, s.prune_every, s.prune_fraction,
+                                    cfg.scaling, cfg.dropout, s.prune_every, s.prune_fraction,
                                     s.max_sparsity) for path, base in bases.items()}
 
     def count(self, cfg, shapes, num_layers):

@@ -209,7 +209,7 @@ class PRoLoRA(Method):
     def build_layers(self, cfg, bases):
         s = cfg.settings
         return {path: PRoLoRALinear(base, cfg.r, s.u, s.m, s.n, cfg.alpha, cfg.dropout, s.broadcast,
-                                    s.rotation, s.init) for path, base in bases.items()}
+                                    s.rotation, s.init, scaling=cfg.scaling) for path, base in bases.items()}
 
     def count(self, cfg, shapes, num_layers):
         s = cfg.settings

@@ -44,10 +44,10 @@ def lambda_at(step: int, total_steps: int, xi: float, max_xi: float, stages: int
 class SoRALinear(AdapterLayer):
     NO_DECAY = ("gate",)  # regularised by its L1 penalty and proximal step only
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float = 2.0, dropout: float = 0.0,
                  xi: float = 3e-4, max_xi: Optional[float] = None, stages: int = 1):
         super().__init__(base_layer, dropout)
-        self.r, self.scaling = r, alpha / r
+        self.r, self.scaling = r, scaling
         self.xi, self.max_xi, self.stages = xi, xi if max_xi is None else max_xi, stages
         device = self.param_device
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, device=device),
@@ -107,10 +107,10 @@ class SoRA(Method):
     def build_layers(self, cfg, bases):
         s = cfg.settings
         if s.ranks is None:
-            return {path: SoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, s.sparse_lambda_2, s.max_lambda,
+            return {path: SoRALinear(base, cfg.r, cfg.scaling, cfg.dropout, s.sparse_lambda_2, s.max_lambda,
                                      s.lambda_stages) for path, base in bases.items()}
         # Compacted: a plain LoRA per module at its own rank; modules whose gates all closed have none.
-        return {path: lora_layer(base, s.ranks[path], cfg.alpha, cfg.dropout, scaling=cfg.alpha / cfg.r)
+        return {path: lora_layer(base, s.ranks[path], cfg.alpha, cfg.dropout, scaling=cfg.scaling)
                 for path, base in bases.items() if s.ranks[path] > 0}
 
     def count(self, cfg, shapes, num_layers):

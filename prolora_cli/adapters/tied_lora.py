@@ -29,10 +29,10 @@ def group_of(kind: str) -> str:
 
 
 class TiedLoRALinear(AdapterLayer):
-    def __init__(self, base_layer: nn.Module, r: int, tied: dict[str, nn.Parameter], alpha: float = 16.0,
+    def __init__(self, base_layer: nn.Module, r: int, tied: dict[str, nn.Parameter], scaling: float = 2.0,
                  dropout: float = 0.0):
         super().__init__(base_layer, dropout)
-        self.r, self.scaling = r, alpha / r
+        self.r, self.scaling = r, scaling
         self.tied = tied  # {saved key: Parameter} for A, B and v: the same objects in every sharer
         self.tied_A, self.tied_B, self.tied_v = tied.values()
         self.tied_u = nn.Parameter(torch.ones(self.out_features, device=self.param_device))
@@ -74,7 +74,7 @@ class TiedLoRA(Method):
             tied = {key: tensors[key] for key in make}
             if next(iter(tied.values())).shape[1] != h:
                 raise UserError(f"tie group {group} cannot serve {path}: its input size is {h}")
-            layers[path] = TiedLoRALinear(base, cfg.r, tied, cfg.alpha, cfg.dropout)
+            layers[path] = TiedLoRALinear(base, cfg.r, tied, cfg.scaling, cfg.dropout)
         return layers
 
     def count(self, cfg, shapes, num_layers):
