@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [ROOT.parent / "shared" / "datasets" / "bigbench-chat" / "train.jsonl", ROOT / "examples" / "chat" / "train.jsonl"]
