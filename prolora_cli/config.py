@@ -16,6 +16,7 @@ FORMAT_VERSION = 2
 # 3: scaling_rule "rslora" (alpha / sqrt(r)); written only by such adapters, so that an older prolora
 # refuses them instead of scaling them by alpha / r.
 RSLORA_FORMAT_VERSION = 3
+NEWEST_FORMAT_VERSION = RSLORA_FORMAT_VERSION  # the newest this prolora reads
 SCALING_RULES = ("standard", "rslora")  # alpha / r (LoRA), alpha / sqrt(r) (rsLoRA, PEFT's use_rslora)
 
 # Short names users type, and the LLaMA module names they stand for.
@@ -124,9 +125,9 @@ class AdapterConfig:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{source}: not a prolora adapter config (no \"format\": \"prolora\")")
         version = d.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= RSLORA_FORMAT_VERSION:
+        if not isinstance(version, int) or not 1 <= version <= NEWEST_FORMAT_VERSION:
             raise UserError(f"{source}: unsupported format_version {version!r} "
-                            f"(this prolora reads 1..{RSLORA_FORMAT_VERSION}; upgrade prolora)")
+                            f"(this prolora reads 1..{NEWEST_FORMAT_VERSION}; upgrade prolora)")
         missing = [k for k in ("r", "alpha", "targets") if k not in d]
         if missing:
             raise UserError(f"{source}: missing {', '.join(missing)}")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, attach_adapter, run_cli
 from prolora_cli.adapter_files import WEIGHTS_NAME, save_adapter
-from prolora_cli.config import FORMAT_VERSION, AdapterConfig
+from prolora_cli.config import NEWEST_FORMAT_VERSION, AdapterConfig
 from prolora_cli.inject import adapter_layers, inject
 from prolora_cli.merging import merge_adapter
 
@@ -248,8 +248,8 @@ def test_inspect_rejects_non_adapters_and_newer_formats(trained_adapter, tmp_pat
     newer = tmp_path / "newer"
     newer.mkdir()
     cfg = json.loads((trained_adapter / "adapter_config.json").read_text())
-    (newer / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": FORMAT_VERSION + 1}))
+    (newer / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": NEWEST_FORMAT_VERSION + 1}))
     (newer / WEIGHTS_NAME).write_bytes((trained_adapter / WEIGHTS_NAME).read_bytes())
-    assert_one_line_error(run_cli("inspect", newer), f"format_version {FORMAT_VERSION + 1}", "upgrade")
+    assert_one_line_error(run_cli("inspect", newer), f"format_version {NEWEST_FORMAT_VERSION + 1}", "upgrade")
     assert_one_line_error(run_cli("inspect", trained_adapter, "--plot", tmp_path / "x.png", "--module", "nope"),
                           "no module 'nope'")
