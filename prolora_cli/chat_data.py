@@ -13,6 +13,7 @@ for any fast tokenizer, whatever it merges across turn boundaries.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prolora_cli.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 CHAT_FORMATS = ("auto", "tulu", "template")
+PLAIN = "plain"  # eval --task only: no chat format, the prompt as a base model sees it
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt-completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
@@ -216,10 +218,11 @@ def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool) ->
 
 
 def jsonl_objects(path: Path):
-    """(line number, parsed JSON or the BadRecord saying why not) for each non-blank line."""
+    """(line number, parsed JSON or the BadRecord saying why not) for each non-blank line; a `.gz`
+    file is read through gzip (HumanEval ships that way)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 # Windows editors start a UTF-8 file with a byte-order mark.

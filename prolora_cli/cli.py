@@ -17,6 +17,7 @@ from prolora_cli.adapters import DEFAULT as DEFAULT_METHOD
 from prolora_cli.adapters import names as method_names
 from prolora_cli.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from prolora_cli.config import AdapterConfig
+from prolora_cli.console import human_bytes
 from prolora_cli.errors import UserError
 from prolora_cli.training import TrainArgs
 
@@ -37,7 +38,7 @@ TARGETS = typer.Option(None, "--targets", help="Layers to adapt: q,k,v,o,gate,up
                        "(default: the method's; all for most).")
 METHOD = typer.Option(DEFAULT_METHOD, "--method", help=f"Adapter method: {', '.join(method_names())} "
                       "(see docs/methods.md).")
-ALPHA = typer.Option(AdapterConfig.alpha, "--alpha", help="LoRA alpha; scaling = alpha / rank.")
+ALPHA = typer.Option(AdapterConfig.alpha, "--alpha", help="LoRA alpha; scaling = alpha / rank (see --scaling).")
 SCALING = typer.Option(AdapterConfig.scaling_rule, "--scaling", help="'standard' (alpha / rank) or 'rslora' "
                        "(alpha / sqrt(rank): the step size no longer shrinks as the rank grows).")
 DROPOUT = typer.Option(AdapterConfig.dropout, "--dropout", help="Dropout on the adapter's input.")
@@ -434,12 +435,9 @@ def percent(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-def model_columns() -> list:
-    """The columns every comparison table starts with: model, trainable params, adapter bytes."""
-    from prolora_cli.console import human_bytes
-
-    return [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
-            ("bytes", "bytes", lambda v: human_bytes(v) if v else "-")]
+# The columns every comparison table starts with: (title, result key, format).
+MODEL_COLUMNS = [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
+                 ("bytes", "bytes", lambda v: human_bytes(v) if v else "-")]
 
 
 def print_table(title: str, results: list[dict], columns: list) -> None:
@@ -453,7 +451,7 @@ def print_table(title: str, results: list[dict], columns: list) -> None:
 
 
 def print_eval_results(report: dict, by_task: bool) -> None:
-    columns = model_columns() + [
+    columns = MODEL_COLUMNS + [
         ("loss", "loss", lambda v: f"{v:.4f}"), ("ppl", "perplexity", lambda v: f"{v:.2f}"),
         ("exact match", "exact_match", percent), ("F1", "f1", percent),
         ("choice acc/token", "choice_acc_token", percent), ("choice acc_norm", "choice_acc_norm", percent)]
@@ -473,7 +471,7 @@ def print_eval_results(report: dict, by_task: bool) -> None:
 
 
 def print_task_results(report: dict, by_task: bool) -> None:
-    columns = model_columns() + [(m, m, percent) for m in report["metrics"]]
+    columns = MODEL_COLUMNS + [(m, m, percent) for m in report["metrics"]]
     print_table(f"{report['model']}: {report['task']} ({report['examples']} examples, "
                 f"chat format {report['chat_format']})", report["results"], columns)
     if by_task:
@@ -498,7 +496,6 @@ def inspect(
                                          "e.g. layers.3.self_attn.q_proj). Default: the first."),
 ):
     """Show what an adapter holds: settings, size against LoRA, per-module norm and rank of dW."""
-    from prolora_cli.console import human_bytes
     from prolora_cli.inspection import inspect_adapter, plot_module
 
     info = inspect_adapter(adapter)

@@ -88,7 +88,7 @@ class EvalProgress:
     tenth of the way instead."""
 
     def __init__(self, console: Console, enabled: bool = True):
-        self.console, self.enabled = console, enabled
+        self.console = console
         self.lines = enabled and not console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(),
                                  TimeRemainingColumn(), console=console, disable=not enabled or self.lines)

@@ -239,8 +239,8 @@ def run_eval(args: EvalArgs, progress) -> dict:
     unknown = set(args.metrics) - set(METRICS)
     if unknown:
         raise UserError(f"unknown metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
-    if args.batch_size < 1 or (args.max_new_tokens or 1) < 1:
-        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    if (args.max_new_tokens or 1) < 1:
+        raise UserError("--max-new-tokens must be >= 1")
     records, skipped = read_jsonl(args.data, args.skip_bad_lines)
     records = select(records, args.limit, args.seed)
     per_pass = len(records) * (("loss" in args.metrics) + ("exact-match" in args.metrics)) + \
@@ -255,18 +255,18 @@ def compare_models(args: EvalArgs, progress, per_pass: int, evaluate, plain_ok: 
     """Load the base once; run `evaluate(model, tokenizer, chat_format, advance) -> (summary, rows)` on it
     (when asked, or when there is no adapter) and with each adapter attached in turn."""
     from prolora_cli.adapter_files import WEIGHTS_NAME, read_config, read_tensors
-    from prolora_cli.chat_data import resolve_chat_format
+    from prolora_cli.chat_data import PLAIN, resolve_chat_format
     from prolora_cli.inject import attach, count_trainable, remove_adapters
     from prolora_cli.models import load_model
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    plain = plain_ok and args.chat_format == "plain"
+    plain = plain_ok and args.chat_format == PLAIN
     # Read every adapter before loading the model: a bad folder fails in a second.
     adapters = [(path, read_config(path), read_tensors(path)) for path in args.adapters]
     model_name = args.model or (adapters[0][1].base_model if adapters else None)
     model, tokenizer, model_id = load_model(model_name, args.quant, device=args.device)
-    fmt = "plain" if plain else resolve_chat_format(tokenizer, args.chat_format)
+    fmt = PLAIN if plain else resolve_chat_format(tokenizer, args.chat_format)
 
     results, predictions = [], []  # predictions: (name, rows), in the order of results
     if not adapters or args.with_base:

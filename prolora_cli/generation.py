@@ -32,12 +32,12 @@ def generate(model, tokenizer, prompts: Sequence[str], add_special: bool, max_ne
     encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     per_batch = max(1, batch_size // samples)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+        if temperature > 0 else {"do_sample": False}
     results: list = [None] * len(prompts)
     for number, start in enumerate(range(0, len(order), per_batch)):
         chunk = order[start:start + per_batch]
         ids, mask = pad_batch([encoded[i] for i in chunk], pad, left=True)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False}
         if temperature > 0:
             torch.manual_seed(seed + number)
         with torch.no_grad():

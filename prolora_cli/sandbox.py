@@ -72,7 +72,7 @@ def interpreter() -> str:
     candidates = [os.path.realpath(sys.executable), shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")]
     for python in filter(None, dict.fromkeys(candidates)):
         try:
-            if execute("pass", 10, python)[0] == "passed":
+            if run_program("pass", 10, python) == "passed":
                 return python
         except PermissionError:
             continue
@@ -80,13 +80,8 @@ def interpreter() -> str:
                     "install python3 system-wide")
 
 
-def run_program(code: str, timeout: float) -> str:
-    """'passed', 'timed out', or 'failed: <the last line of its error>'."""
-    return execute(code, timeout, interpreter())[0]
-
-
-def execute(code: str, timeout: float, python: str) -> tuple[str, str]:
-    """(outcome, output) of one program; see run_program."""
+def run_program(code: str, timeout: float, python: str | None = None) -> str:
+    """'passed', 'timed out', or 'failed: <the last line of its output>'."""
     ids = sandbox_ids()
     folder = Path(tempfile.mkdtemp(prefix="prolora-sandbox-"))
     try:
@@ -95,29 +90,25 @@ def execute(code: str, timeout: float, python: str) -> tuple[str, str]:
         if ids:
             for path in (folder, folder / "program.py"):
                 os.chown(path, *ids)
-        with open(folder / "output", "w+b") as output:
-            os.chown(folder / "output", *ids) if ids else None
+        with open(folder / "output", "w+b") as output:  # the program writes through the inherited fd
             process = subprocess.Popen(
-                [python, "-I", "-B", "program.py"], cwd=folder, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": str(folder), "TMPDIR": str(folder)},
+                [python or interpreter(), "-I", "-B", "program.py"], cwd=folder, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(folder), "TMPDIR": str(folder)},
                 start_new_session=True, **({"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}))
             try:
-                code_ = process.wait(timeout=timeout)
-                outcome = "passed" if code_ == 0 else None
+                if process.wait(timeout=timeout) == 0:
+                    return "passed"
             except subprocess.TimeoutExpired:
-                outcome = "timed out"
+                return "timed out"
             finally:
                 try:
                     os.killpg(process.pid, 9)  # the program and anything it started
                 except (ProcessLookupError, PermissionError):
                     pass
                 process.wait()
-            output.seek(0, os.SEEK_END)
-            output.seek(max(0, output.tell() - 4096))
-            text = output.read().decode("utf-8", "replace")
-        if outcome is None:
-            lines = [line for line in text.strip().splitlines() if line.strip()]
-            outcome = "failed: " + (lines[-1][:200] if lines else f"exit status {process.returncode}")
-        return outcome, text
+            output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))
+            lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return "failed: " + (lines[-1][:200] if lines else f"exit status {process.returncode}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

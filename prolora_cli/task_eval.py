@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prolora_cli.chat_data import IGNORE, render_prompt
+from prolora_cli.chat_data import IGNORE, PLAIN, render_prompt
 from prolora_cli.errors import UserError
 from prolora_cli.tasks.base import Item, Settings, Task
-
-PLAIN = "plain"  # no chat format: the prompt as a base model would see it
 
 
 def prompt_text(item: Item, tokenizer, fmt: str) -> str:

@@ -9,7 +9,6 @@ the model writes with the reference number.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -22,12 +21,11 @@ CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
 def read_problems(path: Path) -> list[dict]:
+    from prolora_cli.chat_data import jsonl_objects
+
     problems = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, row in jsonl_objects(path):
         try:
-            row = json.loads(line)
             reasoning, answer = row["answer"].split("####")
             problems.append({"question": row["question"].strip(), "reasoning": reasoning.strip(),
                              "answer": answer.strip().replace(",", "")})

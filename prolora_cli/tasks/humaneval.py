@@ -9,9 +9,7 @@ as open-instruct does; the completion ends at the first top-level statement afte
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -31,18 +29,15 @@ def packaged_problems() -> Optional[Path]:
 
 
 def read_problems(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    from prolora_cli.chat_data import jsonl_objects
+
     problems = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                problems.append({k: row[k] for k in ("task_id", "prompt", "test", "entry_point")})
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}, line {i}: expected {{\"task_id\", \"prompt\", \"test\", \"entry_point\"}}") \
-                    from None
+    for i, row in jsonl_objects(path):
+        try:
+            problems.append({k: row[k] for k in ("task_id", "prompt", "test", "entry_point")})
+        except (KeyError, TypeError):
+            raise UserError(f"{path}, line {i}: expected {{\"task_id\", \"prompt\", \"test\", \"entry_point\"}}") \
+                from None
     return problems
 
 
