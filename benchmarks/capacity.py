@@ -15,7 +15,8 @@ as rank 512 would be of LLaMA-2-7B's; LoRA r=1..16 bracket it. Text: ../shared/d
 when present, else examples/chat.
 
     python benchmarks/capacity.py --output docs/results/capacity-r16.json  # the full grid (~30 min)
-    python benchmarks/capacity.py --quick --output x.json                 # every method, ~5 min
+    python benchmarks/capacity.py --quick --output x.json                 # every method, ~2 min
+    python benchmarks/capacity.py --variants lora-r2-rslora prolora-r8-u1-rslora --output y.json
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ VARIANTS = {
     "lora-r16": (dict(method="lora", rank=16), STANDARD_LRS),
     "prolora-r8-u1": (dict(method="prolora", rank=8, unshared=1), STANDARD_LRS),     # LoRA r=2's budget
     "prolora-r16-u2": (dict(method="prolora", rank=16, unshared=2), STANDARD_LRS),   # LoRA r=4's budget
+    # With rsLoRA's alpha / sqrt(r), a higher rank no longer means a smaller step at the same lr.
+    "lora-r2-rslora": (dict(method="lora", rank=2, scaling="rslora"), STANDARD_LRS),
+    "prolora-r8-u1-rslora": (dict(method="prolora", rank=8, unshared=1, scaling="rslora"), STANDARD_LRS),
     "vera-r128": (dict(method="vera", rank=128), HIGH_LRS),
     "tied-lora-r16": (dict(method="tied-lora", rank=16, targets="all"), HIGH_LRS),
     "sora-r4": (dict(method="sora", rank=4), STANDARD_LRS),
     "prilora-r2": (dict(method="prilora", rank=2, prune_every=50), STANDARD_LRS),
 }
+FULL = [label for label in VARIANTS if not label.endswith("-rslora")]  # ~27 min; the rsLoRA pair is its own run
 QUICK = ["lora-r2", "lora-r8", "prolora-r8-u1", "vera-r128", "tied-lora-r16", "sora-r4", "prilora-r2"]
 
 
@@ -165,14 +170,20 @@ def main() -> None:
     ap.add_argument("--target-kl", type=float, default=1.0, help="KL(base || teacher) in nats per token")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seeds", nargs="+", type=int)
-    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--output", type=Path, help="JSON to write (one record per run)")
+    ap.add_argument("--plot", type=Path, help="only draw KL against trainable parameters from --results, to this PNG")
+    ap.add_argument("--results", type=Path, nargs="+", help="JSON files of earlier runs, for --plot")
     args = ap.parse_args()
+    if args.plot:
+        return plot([r for path in args.results for r in json.loads(path.read_text())["runs"]], args.plot)
+    if not args.output:
+        ap.error("--output is required (or --plot with --results)")
     from prolora_cli.models import quiet_libraries
 
     quiet_libraries()
     steps = args.steps or (150 if args.quick else 600)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    variants = args.variants or (QUICK if args.quick else list(VARIANTS))
+    variants = args.variants or (QUICK if args.quick else FULL)
     started = time.perf_counter()
 
     tok, chunks = token_chunks()
@@ -208,6 +219,35 @@ def main() -> None:
                                                     "seconds": time.perf_counter() - started},
                                        "runs": records}, indent=1, default=str) + "\n")
     print(table(records))
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Mean KL (error bars: the seeds' spread) against trainable parameters, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = {}  # label -> (method, params, mean, spread)
+    for label in dict.fromkeys(r["label"] for r in records):
+        runs = [r for r in records if r["label"] == label]
+        kls = [r["kl"] for r in runs]
+        points[label] = (runs[0]["method"], runs[0]["trainable_params"], statistics.fmean(kls),
+                         statistics.stdev(kls) if len(kls) > 1 else 0.0)
+    lora = sorted(v[1:] for k, v in points.items() if v[0] == "lora" and not k.endswith("-rslora"))
+    ax.errorbar(*zip(*lora), fmt="o-", color="gray", capsize=3, label="LoRA r=" + ",".join(
+        k.split("-r")[1] for k, v in points.items() if v[0] == "lora" and not k.endswith("-rslora")))
+    for label, (method, params, mean, spread) in points.items():
+        if method != "lora" or label.endswith("-rslora"):
+            ax.errorbar(params, mean, yerr=spread, fmt="s", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("KL(teacher || student), held out")
+    ax.set_title("imitating a rank-16 teacher at a given budget")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def table(records: list[dict]) -> str:
