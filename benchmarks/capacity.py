@@ -61,10 +61,12 @@ QUICK = ["lora-r2", "lora-r8", "prolora-r8-u1", "vera-r128", "tied-lora-r16", "s
 
 def token_chunks(seed: int = 0):
     """(tokenizer, a LongTensor of SEQ-token chunks of the text, shuffled once)."""
+    from prolora_cli.chat_data import read_jsonl
     from prolora_cli.synthetic import train_tokenizer
 
     source = next(p for p in TEXTS if p.is_file())
-    texts = [" ".join(m["content"] for m in json.loads(line)["messages"]) for line in source.read_text().splitlines()]
+    records, _ = read_jsonl(source)  # any of the chat shapes train accepts, as messages
+    texts = [" ".join(m["content"] for m in r["messages"]) for r in records]
     tok = train_tokenizer(texts, VOCAB)
     ids = [t for text in texts for t in tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]]
     chunks = torch.tensor(ids[:len(ids) // SEQ * SEQ]).view(-1, SEQ)
