@@ -189,7 +189,10 @@ def main() -> None:
     started = time.perf_counter()
 
     tok, chunks = token_chunks()
-    tune, test, train = chunks[:64], chunks[64:192], chunks[192:192 + 2048]
+    # 64 tuning and 128 test sequences, the next 2,048 for training (less on examples/chat's small text)
+    n_tune, n_test = min(64, len(chunks) // 8), min(128, len(chunks) // 4)
+    tune, test = chunks[:n_tune], chunks[n_tune:n_tune + n_test]
+    train = chunks[n_tune + n_test:n_tune + n_test + 2048]
     base = base_model(len(tok))
     teacher, scale = make_teacher(base, None if args.teacher_rank == "full" else int(args.teacher_rank),
                                   args.target_kl, tune)
