@@ -18,12 +18,15 @@ def human_bytes(n: float) -> str:
 
 
 class TrainReporter:
-    """Receives training events; shows a progress bar with loss, lr, tokens/s and ETA."""
+    """Receives training events; shows a progress bar with loss, lr, tokens/s and ETA. When the console
+    is not a terminal (nohup, a cluster's log file, `| tee`), a bar would show nothing until the end, so
+    each logged step prints a line instead."""
 
     def __init__(self, console: Console):
         self.console = console
         self.progress = None
         self.task = None
+        self.lines = None  # (total, start time) when printing lines
 
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -37,6 +40,9 @@ class TrainReporter:
             f"{info['trainable']:,} trainable of {info['total_params']:,} params, "
             f"{info['steps']} steps of {info['batch']} sequences, chat format {info['chat_format']}",
             highlight=False)
+        if not self.console.is_terminal:
+            self.lines = (total, time.monotonic())
+            return
         self.progress = Progress(
             TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[metrics]}"), TimeRemainingColumn(), console=self.console,
@@ -45,20 +51,24 @@ class TrainReporter:
         self.task = self.progress.add_task("train", total=total, completed=done, metrics="")
 
     def step(self, step: int, record: dict | None) -> None:
-        if self.progress is None:
-            return
-        fields = {}
-        if record:
-            parts = []
-            if "loss" in record:
-                parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                             f"{record['tokens_per_s']:,.0f} tok/s")
-            if "eval_loss" in record:
-                parts.append(f"eval {record['eval_loss']:.4f}")
-            fields["metrics"] = "  ".join(parts)
-        self.progress.update(self.task, completed=step, **fields)
+        metrics = self.metrics(record) if record else None
+        if self.lines and metrics:
+            total, start = self.lines
+            self.console.print(f"step {step}/{total}  {metrics}  ({time.monotonic() - start:.0f} s)", highlight=False)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, **({"metrics": metrics} if metrics else {}))
+
+    @staticmethod
+    def metrics(record: dict) -> str:
+        parts = []
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+        if "eval_loss" in record:
+            parts.append(f"eval {record['eval_loss']:.4f}")
+        return "  ".join(parts)
 
     def stop(self) -> None:
+        self.lines = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -56,6 +56,10 @@ def test_a_run_writes_adapter_log_plot_and_lowers_eval_loss(tiny_model_dir, data
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1, evals
     assert all(k in records[1] for k in ("loss", "lr", "tokens_per_s"))
     assert "training finished" in result.stdout and "eval loss" in result.stdout
+    # Not a terminal (captured): a line per logged step rather than a bar that shows only at the end.
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/12" for s in range(1, 13)]
+    assert "eval " in progress[5] and "eval " not in progress[4]
 
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["u"], cfg["m"], cfg["n"]) == (8, 2, 3, 3)
