@@ -217,9 +217,10 @@ def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool) ->
     return records, skipped
 
 
-def jsonl_objects(path: Path):
-    """(line number, parsed JSON or the BadRecord saying why not) for each non-blank line; a `.gz`
-    file is read through gzip (HumanEval ships that way)."""
+def jsonl_objects(path: Path, strict: bool = False):
+    """(line number, parsed JSON or the BadRecord saying why not) for each non-blank line; `strict`
+    stops at the first bad line with a UserError instead. A `.gz` file is read through gzip (HumanEval
+    ships that way)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
@@ -227,15 +228,15 @@ def jsonl_objects(path: Path):
             try:
                 # Windows editors start a UTF-8 file with a byte-order mark.
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                yield lineno, BadRecord("not valid UTF-8")
-                continue
-            if not text.strip():
-                continue
-            try:
+                if not text.strip():
+                    continue
                 yield lineno, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield lineno, BadRecord(f"malformed JSON ({e.msg} at column {e.colno})")
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                bad = BadRecord("not valid UTF-8" if isinstance(e, UnicodeDecodeError)
+                                else f"malformed JSON ({e.msg} at column {e.colno})")
+                if strict:
+                    raise UserError(f"{path}, line {lineno}: {bad}") from None
+                yield lineno, bad
 
 
 def load_table(path: Path):

@@ -200,6 +200,8 @@ def test_humaneval_without_permission_exits_2(tmp_path):
     (["--task", "squad", "--task-data", "x"], ["unknown task 'squad'"]),
     (["--task", "gsm8k", "--task-data", "nowhere"], ["nowhere", "does not exist"]),
     (["--task", "bbh", "--task-data", "BAD"], ["expected BBH"]),
+    (["--task", "gsm8k", "--task-data", "BAD"], ["BAD, line 1: malformed JSON"]),
+    (["--task", "humaneval", "--task-data", "BAD", "--allow-code-execution"], ["BAD, line 1: malformed JSON"]),
     (["--data", "x.jsonl", "--task", "bbh"], ["either --data", "--task"]),
 ])
 def test_bad_task_input_exits_2(tmp_path, args, needles):

@@ -24,7 +24,7 @@ def read_problems(path: Path) -> list[dict]:
     from prolora_cli.chat_data import jsonl_objects
 
     problems = []
-    for i, row in jsonl_objects(path):
+    for i, row in jsonl_objects(path, strict=True):
         try:
             reasoning, answer = row["answer"].split("####")
             problems.append({"question": row["question"].strip(), "reasoning": reasoning.strip(),

@@ -32,7 +32,7 @@ def read_problems(path: Path) -> list[dict]:
     from prolora_cli.chat_data import jsonl_objects
 
     problems = []
-    for i, row in jsonl_objects(path):
+    for i, row in jsonl_objects(path, strict=True):
         try:
             problems.append({k: row[k] for k in ("task_id", "prompt", "test", "entry_point")})
         except (KeyError, TypeError):
