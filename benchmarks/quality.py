@@ -261,7 +261,7 @@ def verdict(low: float, high: float, lower_is_better: bool) -> str:
 def report(args) -> dict:
     """Markdown tables from the result JSONs (only finished methods: every seed scored on test)."""
     runs = load_results(args.results, args.steps)
-    rows = {}
+    rows, unfinished = {}, {}
     for label in args.methods:
         if label not in runs:
             continue
@@ -269,9 +269,20 @@ def report(args) -> dict:
         final = [r for r in runs[label] if r["lr"] == lr and "test" in r and r["seed"] in args.seeds]
         if len(final) == len(args.seeds):
             rows[label] = {"lr": lr, "tried": tried, "runs": final, "params": final[0]["trainable_params"]}
+        else:
+            unfinished[label] = (tried, final)
+    if unfinished:
+        print(f"\nNot finished yet ({args.steps} steps; tuning-half loss at each rate tried, seed 0):\n")
+        print("| method | rates tried | seeds scored on test |")
+        print("|---|---|---|")
+        for label, (tried, final) in unfinished.items():
+            print(f"| {label} | " + ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in sorted(tried.items())) +
+                  f" | {', '.join(str(r['seed']) for r in final) or '-'} |")
+    if not rows:
+        return rows
     print(f"\n{args.steps} steps of {args.batch_size} x {args.grad_accum} packed sequences of {args.max_seq_len} "
           f"tokens; seeds {', '.join(map(str, args.seeds))}; test half of dev "
-          f"({next(iter(rows.values()))['runs'][0]['test']['examples'] if rows else 0} examples)\n")
+          f"({next(iter(rows.values()))['runs'][0]['test']['examples']} examples)\n")
     print("| method | trainable params | lr (tuning loss at each rate tried) | test loss | exact match | choice acc_norm |")
     print("|---|---:|---|---:|---:|---:|")
     for label, row in rows.items():
@@ -358,7 +369,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "quality.png")
     args = p.parse_args()
     if args.report_only:
-        plot(report(args), args.plot)
+        if rows := report(args):
+            plot(rows, args.plot)
         return
     for split in ("train.jsonl", "dev.jsonl"):
         if not (args.data / split).is_file():
@@ -369,9 +381,9 @@ def main() -> None:
         return
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(grid.method, args.methods))
-    rows = report(args)
-    plot(rows, args.plot)
-    print(f"\nplot: {args.plot}")
+    if rows := report(args):
+        plot(rows, args.plot)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":
