@@ -49,7 +49,6 @@ STANDARD, HIGH = (1e-4, 1e-2, 1e-3), (1e-3, 5e-2, 1e-2)  # (lowest, highest, fir
 # rank 8 at alpha 16 has PRoLoRA r=8's scaling (alpha/r = 2), whose best rate was 5e-3: start there (the
 # search still brackets; the start only saves runs)
 SCALE2 = (1e-4, 1e-2, 5e-3)
-REFERENCE = "lora-r2"
 
 # label -> (flags of `prolora train` that define the adapter, learning-rate range). Budgets on SmolLM2-135M
 # (`prolora count-params`): LoRA r=2 610,560; PRoLoRA r=8/u=1 (m=n=7) 612,510; SoRA r=2 610,980 before it
@@ -303,15 +302,16 @@ def report(args) -> dict:
             values = [r["test"][key] * scale for r in row["runs"]]
             cells.append(fmt.format(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0))
         print(f"| {label} | {row['params']:,} | {tried} | " + " | ".join(cells) + " |")
-    if REFERENCE in rows:
-        print(f"\nPaired difference to {REFERENCE} (method minus {REFERENCE}; 95% bootstrap interval over test "
+    ref = args.reference
+    if ref in rows:
+        print(f"\nPaired difference to {ref} (method minus {ref}; 95% bootstrap interval over test "
               "examples, seeds pooled); loss: lower is better, the others higher:\n")
         print("| method | Δ test loss | Δ exact match (points) | Δ choice acc_norm (points) |")
         print("|---|---|---|---|")
         for label, row in rows.items():
-            if label == REFERENCE:
+            if label == ref:
                 continue
-            row["paired"] = p = paired(row["runs"], rows[REFERENCE]["runs"])
+            row["paired"] = p = paired(row["runs"], rows[ref]["runs"])
             cell = lambda k, s, lower: (f"{p[k][0] * s:+.{4 if s == 1 else 1}f} [{p[k][1] * s:+.{4 if s == 1 else 1}f}, "
                                         f"{p[k][2] * s:+.{4 if s == 1 else 1}f}] {verdict(p[k][1], p[k][2], lower)}")
             print(f"| {label} | {cell('loss', 1, True)} | {cell('exact_match', 100, False)} | "
@@ -373,6 +373,7 @@ def main() -> None:
     p.add_argument("--check-steps", type=int, default=240)
     p.add_argument("--check-every", type=int, default=40)
     p.add_argument("--report-only", action="store_true", help="tables from --results; train nothing")
+    p.add_argument("--reference", default="lora-r2", choices=list(VARIANTS), help="the paired differences' baseline")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality", help="run folders (adapters)")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "quality", help="one JSON per run")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "quality.png")
