@@ -22,7 +22,7 @@ committed JSONs reproduce the tables without training. Methods, seeds and the ra
 as threads; `--workers` bounds how many runs go at once.
 
     python benchmarks/quality.py --check                  # step 1 (~30 min)
-    python benchmarks/quality.py                          # the grid (cached; ~5 h for every method)
+    python benchmarks/quality.py                          # the grid (cached; ~9 h for every method)
     python benchmarks/quality.py --methods lora-r2 prolora-r8-u1 lora-r8     # the paper's three first
     python benchmarks/quality.py --report-only            # tables from the committed JSONs
 """
