@@ -8,9 +8,10 @@ with a fixed seed, into a tuning half and a test half:
 1. `--check`: LoRA r=2 and r=8 at one learning rate, scored on the tuning half every `--check-every` steps,
    to see when rank starts to matter (they must separate within the steps the grid trains).
 2. Learning rate per method, on the tuning half (seed 0): from 1e-3 (1e-2 for VeRA and Tied-LoRA, 5e-3
-   for LoRA r=8, whose alpha/r is PRoLoRA r=8's) on the grid 1e-4, 2e-4, 5e-4, 1e-3, ..., 5e-2, the
-   neighbours are tried until the best rate is bracketed (the paper's grid {1e-4, 2e-4, 5e-4, 1e-3, 2e-3},
-   extended upward, as short runs want larger steps and VeRA's and Tied-LoRA's vectors more still).
+   for LoRA r=8, whose alpha/r is PRoLoRA r=8's, 2e-3 for PRoLoRA with rsLoRA's larger scaling) on the
+   grid 1e-4, 2e-4, 5e-4, 1e-3, ..., 5e-2, the neighbours are tried until the best rate is bracketed (the
+   paper's grid {1e-4, 2e-4, 5e-4, 1e-3, 2e-3}, extended upward, as short runs want larger steps and
+   VeRA's and Tied-LoRA's vectors more still).
 3. At that rate, seeds 0, 1, 2, scored on the test half only: loss over answer tokens, exact match of
    greedy answers, choice accuracy per character (lm-eval's acc_norm).
 4. The paired difference of each method to LoRA r=2 on the same test examples and seeds, with a 95%
@@ -49,6 +50,9 @@ STANDARD, HIGH = (1e-4, 1e-2, 1e-3), (1e-3, 5e-2, 1e-2)  # (lowest, highest, fir
 # rank 8 at alpha 16 has PRoLoRA r=8's scaling (alpha/r = 2), whose best rate was 5e-3: start there (the
 # search still brackets; the start only saves runs)
 SCALE2 = (1e-4, 1e-2, 5e-3)
+# rsLoRA scales PRoLoRA r=8 by alpha/sqrt(8) = 5.7 instead of 2, so the step that matched 5e-3 is about
+# 2.8x smaller (Adam's step is set by the rate; dW's by rate x scaling): start at 2e-3
+RSLORA8 = (1e-4, 1e-2, 2e-3)
 
 # label -> (flags of `prolora train` that define the adapter, learning-rate range). Budgets on SmolLM2-135M
 # (`prolora count-params`): LoRA r=2 610,560; PRoLoRA r=8/u=1 (m=n=7) 612,510; SoRA r=2 610,980 before it
@@ -61,7 +65,7 @@ VARIANTS = {
     "lora-r8": (["--method", "lora", "--rank", "8"], SCALE2),
     "lora-r2-rslora": (["--method", "lora", "--rank", "2", "--scaling", "rslora"], STANDARD),
     "prolora-r8-u1-rslora": (["--method", "prolora", "--rank", "8", "--unshared", "1", "--scaling", "rslora"],
-                             STANDARD),
+                             RSLORA8),
     "sora-r2": (["--method", "sora", "--rank", "2"], STANDARD),
     "prilora-r2": (["--method", "prilora", "--rank", "2"], STANDARD),
     "tied-lora-r371": (["--method", "tied-lora", "--rank", "371"], HIGH),
