@@ -332,13 +332,17 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    placed = []
     for label, row in rows.items():
         losses = [r["test"]["loss"] for r in row["runs"]]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0
-        ax.errorbar([row["params"]], [statistics.fmean(losses)], yerr=[sd], fmt="o", capsize=4, label=label)
-        ax.scatter([row["params"]] * len(losses), losses, s=8, color="black", alpha=0.4)
+        # methods at one budget would hide each other: step each one a little to the right of the last
+        x = row["params"] * 1.04 ** sum(abs(p / row["params"] - 1) < 0.05 for p in placed)
+        placed.append(row["params"])
+        ax.errorbar([x], [statistics.fmean(losses)], yerr=[sd], fmt="o", capsize=4, label=label)
+        ax.scatter([x] * len(losses), losses, s=8, color="black", alpha=0.4)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
+    ax.set_xlabel("trainable parameters (points at one budget set side by side)")
     ax.set_ylabel("test loss (lower is better)")
     ax.set_title("SmolLM2-135M (NF4) on BIG-bench chat, lr tuned per method")
     ax.legend(fontsize=7)
