@@ -61,8 +61,8 @@ QUICK = ["lora-r2", "lora-r8", "prolora-r8-u1", "vera-r128", "tied-lora-r16", "s
 
 def token_chunks(seed: int = 0):
     """(tokenizer, a LongTensor of SEQ-token chunks of the text, shuffled once)."""
-    from prolora_cli.chat_data import read_jsonl
-    from prolora_cli.synthetic import train_tokenizer
+    from prolora_cli.data.chat import read_jsonl
+    from prolora_cli.testing.synthetic import train_tokenizer
 
     source = next(p for p in TEXTS if p.is_file())
     records, _ = read_jsonl(source)  # any of the chat shapes train accepts, as messages
@@ -131,9 +131,9 @@ def train_student(base, variant: dict, lr: float, seed: int, steps: int, train: 
     """One run: the package's layers, optimizer groups and scheduler; KL to the teacher as the loss."""
     from transformers import get_linear_schedule_with_warmup
 
-    from prolora_cli.config import AdapterConfig
-    from prolora_cli.inject import count_trainable, inject
-    from prolora_cli.training import TrainArgs, build_optimizer
+    from prolora_cli.adapter.config import AdapterConfig
+    from prolora_cli.adapter.inject import count_trainable, inject
+    from prolora_cli.training.loop import TrainArgs, build_optimizer
 
     torch.manual_seed(seed)
     student = copy.deepcopy(base)
@@ -180,7 +180,7 @@ def main() -> None:
         return plot([r for path in args.results for r in json.loads(path.read_text())["runs"]], args.plot)
     if not args.output:
         ap.error("--output is required (or --plot with --results)")
-    from prolora_cli.models import quiet_libraries
+    from prolora_cli.models.loading import quiet_libraries
 
     quiet_libraries()
     steps = args.steps or (150 if args.quick else 600)

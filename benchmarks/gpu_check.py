@@ -63,8 +63,8 @@ def attach(model, variant: str, args):
 
         return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.05,
                                                 target_modules=TARGETS))
-    from prolora_cli.config import AdapterConfig
-    from prolora_cli.inject import inject
+    from prolora_cli.adapter.config import AdapterConfig
+    from prolora_cli.adapter.inject import inject
 
     cfg = AdapterConfig.create(args.rank, unshared=args.unshared, alpha=16, dropout=0.05, base_model="random")
     inject(model, cfg)
@@ -74,7 +74,7 @@ def attach(model, variant: str, args):
 def detach(model, variant: str):
     if variant == "peft-lora":
         return model.unload()
-    from prolora_cli.inject import remove_adapters
+    from prolora_cli.adapter.inject import remove_adapters
 
     remove_adapters(model)
     return model

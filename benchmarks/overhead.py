@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from prolora_cli.adapter_files import save_adapter
-from prolora_cli.config import ALL_TARGETS, AdapterConfig
-from prolora_cli.inject import adapter_layers, inject
-from prolora_cli.models import load_model
+from prolora_cli.adapter.files import save_adapter
+from prolora_cli.adapter.config import ALL_TARGETS, AdapterConfig
+from prolora_cli.adapter.inject import adapter_layers, inject
+from prolora_cli.models.loading import load_model
 
 VARIANTS = ("peft-lora", "prolora-u=r", "prolora-r8-u1-m7")
 BASES = ("nf4", "full")

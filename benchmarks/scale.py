@@ -80,7 +80,7 @@ def folder_bytes(folder: Path) -> int:
 
 def seven_b_shaped(scratch: Path, blocks: int) -> Path:
     """Written once per block count; reused by later runs."""
-    from prolora_cli.synthetic import train_tokenizer, write_random_llama
+    from prolora_cli.testing.synthetic import train_tokenizer, write_random_llama
 
     folder = scratch / f"llama2-7b-shaped-{blocks}"
     if not (folder / "config.json").is_file() or json.loads((folder / "config.json").read_text())[
@@ -103,7 +103,7 @@ model.save_pretrained(out)
 
 LOAD_NF4 = """
 import sys, time
-from prolora_cli.models import load_model
+from prolora_cli.models.loading import load_model
 start = time.perf_counter()
 load_model(sys.argv[1], "nf4", device="cpu")
 print(time.perf_counter() - start)
@@ -111,7 +111,7 @@ print(time.perf_counter() - start)
 
 
 def merge_rows(name: str, base: Path, scratch: Path, peft: bool) -> dict:
-    from prolora_cli.synthetic import random_adapter
+    from prolora_cli.testing.synthetic import random_adapter
 
     adapter = random_adapter(base, scratch / f"{name}-adapter", rank=8, unshared=1, scale=0.01)
     out = scratch / f"{name}-merged"
@@ -167,9 +167,9 @@ def main() -> None:
     rows = []
     if not args.skip_embedded:
         with tempfile.TemporaryDirectory() as cache:  # an empty cache: the conversion runs
-            conv = measure([sys.executable, "-c", "from prolora_cli.models import embedded_gguf, gguf_as_folder; "
+            conv = measure([sys.executable, "-c", "from prolora_cli.models.loading import embedded_gguf, gguf_as_folder; "
                             "print(gguf_as_folder(embedded_gguf()))"], env={"PROLORA_CACHE": cache})
-        from prolora_cli.models import embedded_gguf, gguf_as_folder
+        from prolora_cli.models.loading import embedded_gguf, gguf_as_folder
 
         row = merge_rows("smollm2-135m", gguf_as_folder(embedded_gguf()), args.scratch, peft=True)
         row["gguf_conversion"] = {k: conv[k] for k in ("s", "peak_gib", "anon_gib")}

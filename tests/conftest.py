@@ -34,8 +34,8 @@ def tiny_llama(seed: int = 0, **overrides):
 
 def attach_adapter(model, folder):
     """Put an adapter folder's layers and tensors on a model; returns its config."""
-    from prolora_cli.adapter_files import read_config, read_tensors
-    from prolora_cli.inject import attach
+    from prolora_cli.adapter.files import read_config, read_tensors
+    from prolora_cli.adapter.inject import attach
 
     cfg = read_config(folder)
     attach(model, cfg, read_tensors(folder))
@@ -60,7 +60,7 @@ def assert_one_line_error(result, *needles):
 
 def train_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on the spot on the example chats (a second, no download)."""
-    from prolora_cli.synthetic import train_tokenizer as train
+    from prolora_cli.testing.synthetic import train_tokenizer as train
 
     lines = (Path(__file__).parent.parent / "examples" / "chat" / "train.jsonl").read_text().splitlines()
     return train(lines * 2, vocab_size)

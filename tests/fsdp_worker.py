@@ -14,9 +14,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
 
-from prolora_cli.config import AdapterConfig  # noqa: E402
-from prolora_cli.inject import adapter_layers, inject, layers_state  # noqa: E402
-from prolora_cli.sharding import (each_whole_layer, full_adapter_state, load_full_adapter_state,  # noqa: E402
+from prolora_cli.adapter.config import AdapterConfig  # noqa: E402
+from prolora_cli.adapter.inject import adapter_layers, inject, layers_state  # noqa: E402
+from prolora_cli.training.sharding import (each_whole_layer, full_adapter_state, load_full_adapter_state,  # noqa: E402
                                   param_shapes, units, whole, wrap_policy)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import train_tokenizer
-from prolora_cli.chat_data import IGNORE, encode, read_jsonl, render, resolve_chat_format, tokenize_records
+from prolora_cli.data.chat import IGNORE, encode, read_jsonl, render, resolve_chat_format, tokenize_records
 from prolora_cli.errors import UserError
 
 CONVO = [
@@ -56,7 +56,7 @@ def test_template_trains_on_assistant_content_and_end_of_turn(tok):
 
 def test_smollm2_template_masking():
     pytest.importorskip("gguf")
-    from prolora_cli.models import load_tokenizer
+    from prolora_cli.models.loading import load_tokenizer
 
     real = load_tokenizer(None)
     enc = encode(CONVO, real, resolve_chat_format(real, "auto"), 512)

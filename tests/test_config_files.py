@@ -70,10 +70,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_example_configs_are_valid_and_the_paper_pair_has_one_budget():
-    from prolora_cli.arch import PRESETS
-    from prolora_cli.config import AdapterConfig
-    from prolora_cli.planner import plan
-    from prolora_cli.run_config import read_config_file
+    from prolora_cli.models.arch import PRESETS
+    from prolora_cli.adapter.config import AdapterConfig
+    from prolora_cli.adapter.planner import plan
+    from prolora_cli.training.run_config import read_config_file
 
     flags = train_flags()
     budgets = {}

@@ -133,10 +133,10 @@ def test_fsdp_keeps_each_block_with_its_adapters_and_gathers_them_whole(tmp_path
 @pytest.mark.parametrize("flags,needle", [(dict(method="tied-lora"), "shared by modules of different blocks"),
                                           (dict(method="sora"), "rebuilds its layers")])
 def test_fsdp_refuses_what_it_cannot_shard(tiny_model, flags, needle):
-    from prolora_cli.config import AdapterConfig
+    from prolora_cli.adapter.config import AdapterConfig
     from prolora_cli.errors import UserError
-    from prolora_cli.inject import inject
-    from prolora_cli.sharding import check_shardable
+    from prolora_cli.adapter.inject import inject
+    from prolora_cli.training.sharding import check_shardable
 
     cfg = AdapterConfig.create(8, **flags)
     with pytest.raises(UserError, match=needle):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run_cli, train_tokenizer
-from prolora_cli.chat_data import IGNORE, encode
-from prolora_cli.evaluation import EvalArgs, evaluate_model, option_losses, token_losses
-from prolora_cli.tasks.base import exact_match, normalize_answer, token_f1
+from prolora_cli.data.chat import IGNORE, encode
+from prolora_cli.evaluation.chat_eval import EvalArgs, evaluate_model, option_losses, token_losses
+from prolora_cli.evaluation.tasks.base import exact_match, normalize_answer, token_f1
 
 QA = [("What is 12 + 30?", "12 + 30 = 42.", ["12 + 30 = 42.", "12 + 30 = 24."]),
       ("Reverse the order of these words: apple river", "river apple", ["apple river", "river apple"]),
@@ -79,8 +79,8 @@ def test_option_scoring_with_a_shared_prompt_equals_scoring_each_option_alone(ti
 
 def test_exact_match_scores_the_models_own_greedy_answer(tiny_model_dir):
     """References set to what the model greedily says (case and spacing changed) score 100%."""
-    from prolora_cli.chat_data import render_prompt
-    from prolora_cli.generation import generate
+    from prolora_cli.data.chat import render_prompt
+    from prolora_cli.evaluation.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = train_tokenizer()
@@ -193,7 +193,7 @@ def test_our_calls_into_transformers_raise_no_deprecation_warnings(tiny_model_di
     scoring options with a shared KV cache, nor from batched, sampled generation with stop strings."""
     import warnings
 
-    from prolora_cli.generation import generate
+    from prolora_cli.evaluation.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = train_tokenizer()

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, attach_adapter, run_cli
-from prolora_cli.adapter_files import WEIGHTS_NAME, save_adapter
-from prolora_cli.config import NEWEST_FORMAT_VERSION, AdapterConfig
-from prolora_cli.inject import adapter_layers, inject
-from prolora_cli.merging import merge_adapter
+from prolora_cli.adapter.files import WEIGHTS_NAME, save_adapter
+from prolora_cli.adapter.config import NEWEST_FORMAT_VERSION, AdapterConfig
+from prolora_cli.adapter.inject import adapter_layers, inject
+from prolora_cli.merge.stream import merge_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 61, 8, 77, 120, 31]])
 
@@ -36,7 +36,7 @@ def make_adapter(model_dir, folder, seed=1, **settings):
 
 def adapted_logits(model_dir, adapter, quant_nf4=False):
     if quant_nf4:
-        from prolora_cli.models import load_model
+        from prolora_cli.models.loading import load_model
 
         model, _, _ = load_model(str(model_dir), "nf4", device="cpu")
     else:
@@ -103,7 +103,7 @@ def test_merged_folder_loads_with_plain_transformers(tiny_model_dir, tmp_path):
 def test_merge_dtype_defaults_to_the_base_checkpoints(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from prolora_cli.checkpoint import Checkpoint
+    from prolora_cli.models.safetensors_files import Checkpoint
 
     def checkpoint_dtype(folder):
         return Checkpoint(folder).dtype()
@@ -233,9 +233,9 @@ def test_inspect_a_trained_adapter(trained_adapter, tmp_path):
 
 
 def test_inspect_singular_values_match_a_full_svd(tiny_model_dir, tmp_path):
-    from prolora_cli.adapter_files import read_config, read_tensors
-    from prolora_cli.inspection import singular_values
-    from prolora_cli.peft_format import standalone_layers
+    from prolora_cli.adapter.files import read_config, read_tensors
+    from prolora_cli.adapter.inspection import singular_values
+    from prolora_cli.adapter.peft_format import standalone_layers
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "ad")
     layer = next(iter(standalone_layers(read_config(adapter), read_tensors(adapter)).values()))

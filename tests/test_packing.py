@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli, tiny_llama
-from prolora_cli.chat_data import IGNORE
-from prolora_cli.packing import collate_packed, pack, seen_tokens
+from prolora_cli.data.chat import IGNORE
+from prolora_cli.data.packing import collate_packed, pack, seen_tokens
 
 
 def examples():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from prolora_cli.adapters.prolora import PRoLoRALinear, count_params, param_shapes
+from prolora_cli.methods.prolora.method import PRoLoRALinear, count_params, param_shapes
 
 
 def spec_expand(layer: PRoLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +241,7 @@ def test_invalid_settings_raise(bad, msg):
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_rank_and_is_stored():
-    from prolora_cli.config import AdapterConfig
+    from prolora_cli.adapter.config import AdapterConfig
 
     lora = AdapterConfig.create(16, alpha=16, scaling="rslora", method="lora")
     assert lora.scaling == 4.0 and AdapterConfig.create(16, alpha=16, method="lora").scaling == 1.0

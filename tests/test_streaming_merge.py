@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, attach_adapter, train_tokenizer
-from prolora_cli.checkpoint import INDEX_NAME
-from prolora_cli.inject import adapter_layers
-from prolora_cli.merging import VerificationFailed, merge_adapter
-from prolora_cli.synthetic import random_adapter, write_random_llama
+from prolora_cli.models.safetensors_files import INDEX_NAME
+from prolora_cli.adapter.inject import adapter_layers
+from prolora_cli.merge.stream import VerificationFailed, merge_adapter
+from prolora_cli.testing.synthetic import random_adapter, write_random_llama
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,7 +90,7 @@ def test_verify_modes_write_the_same_files(sharded_dir, tmp_path):
 
 def test_a_wrong_merged_tensor_fails_the_check_and_writes_nothing(sharded_dir, tmp_path, monkeypatch):
     """The value check recomputes W0 + dW itself: a writer that is off by one ulp somewhere is caught."""
-    import prolora_cli.adapters.base as base_module
+    import prolora_cli.methods.base as base_module
 
     adapter = random_adapter(sharded_dir, tmp_path / "ad", rank=8, unshared=1)
     honest = base_module.merged_weight
@@ -181,7 +181,7 @@ def test_merging_a_7b_shaped_model_stays_below_its_size_in_memory(tmp_path):
 def test_merge_into_the_embedded_gguf_model(tmp_path):
     """The default base: a GGUF (Q4_1) converted once to an fp32 cache that stores the tied head, not
     the embedding. --dtype auto says where its dtype comes from."""
-    from prolora_cli.models import embedded_gguf, gguf_as_folder
+    from prolora_cli.models.loading import embedded_gguf, gguf_as_folder
 
     adapter = random_adapter(gguf_as_folder(embedded_gguf()), tmp_path / "ad", rank=8, unshared=1, scale=0.01)
     result = merge_adapter(adapter, tmp_path / "m", model="smollm2-135m")

