@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
+from prolora_cli import methods
 from prolora_cli.errors import UserError
 
 FORMAT = "prolora"
@@ -45,24 +46,18 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return [t for t in ALL_TARGETS if t in out]
 
 
-def _default_method() -> str:
-    from prolora_cli.methods import DEFAULT
-
-    return DEFAULT
-
-
 @dataclass
 class AdapterConfig:
     """Everything needed to rebuild an adapter's layers on a base model."""
 
-    method: str = field(default_factory=_default_method)
+    method: str = methods.DEFAULT
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
     scaling_rule: str = "standard"
     targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     base_model: str = ""
-    settings: Any = None             # the method's own settings (an adapters.base.Settings)
+    settings: Any = None             # the method's own settings (a methods.settings.Settings)
     modules: Optional[dict] = None   # written when saving: each adapted module's [in, out]
 
     @classmethod
@@ -70,11 +65,9 @@ class AdapterConfig:
                alpha: Optional[float] = None, dropout: Optional[float] = None, base_model: str = "",
                scaling: Optional[str] = None, **flags) -> "AdapterConfig":
         """From command-line values: None means the default; `flags` are the method's own flags."""
-        from prolora_cli.methods import get
-
         common = dict(method=method, r=rank, alpha=alpha, dropout=dropout, scaling_rule=scaling)
         cfg = cls(base_model=base_model, **{k: v for k, v in common.items() if v is not None})
-        impl = get(cfg.method)
+        impl = methods.get(cfg.method)
         targets = targets if targets is not None else (impl.default_targets or "all")
         cfg = replace(cfg, targets=parse_targets(targets),
                       settings=impl.settings(cfg.r, {k: v for k, v in flags.items() if v is not None}))
@@ -83,10 +76,8 @@ class AdapterConfig:
 
     @property
     def impl(self):
-        """The method (adapters.base.Method) these settings belong to."""
-        from prolora_cli.methods import get
-
-        return get(self.method)
+        """The method (methods.base.Method) these settings belong to."""
+        return methods.get(self.method)
 
     @property
     def scaling(self) -> float:
@@ -107,10 +98,8 @@ class AdapterConfig:
     def to_flags(self) -> dict:
         """The train command's flags that create this config (the method's resolved settings included):
         what run_config.json records so that `--config` repeats the run."""
-        by_field = {name: flag for flag, name in type(self.settings).FLAGS.items()}
-        own = {by_field[k]: v for k, v in self.settings.to_stored().items() if k in by_field and v is not None}
         return {"method": self.method, "rank": self.r, "targets": ",".join(self.targets), "alpha": self.alpha,
-                "scaling": self.scaling_rule, "dropout": self.dropout, **own}
+                "scaling": self.scaling_rule, "dropout": self.dropout, **self.settings.to_flags()}
 
     def to_dict(self) -> dict:
         common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "modules")}
@@ -120,8 +109,6 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "adapter_config.json") -> "AdapterConfig":
-        from prolora_cli.methods import get
-
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{source}: not a prolora adapter config (no \"format\": \"prolora\")")
         version = d.get("format_version")
@@ -137,7 +124,7 @@ class AdapterConfig:
             if k in d and (not isinstance(d[k], t) or isinstance(d[k], bool)):
                 raise UserError(f"{source}: {k} has the wrong type ({d[k]!r})")
         try:
-            impl = get(d.get("method", _default_method()))
+            impl = methods.get(d.get("method", methods.DEFAULT))
             common = {k: d[k] for k in types if k in d}
             cfg = cls(**common, settings=impl.read_settings(d, version, source))
             cfg = replace(cfg, targets=parse_targets(cfg.targets))

@@ -6,22 +6,21 @@ does exporting to plain LoRA (every method here is a LoRA after expansion).
 
 A method (`Method`) is everything else the package needs to know about it, behind one object: its
 own settings, how to build its layers on a model, how to count its parameters from an architecture,
-what `inspect` says about it, and its training hooks. `adapters/__init__.py` finds methods by name;
+what `inspect` says about it, and its training hooks. `methods/__init__.py` finds methods by name;
 nothing outside this package knows which method it holds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from prolora_cli import methods
 from prolora_cli.errors import UserError
+from prolora_cli.methods.settings import Settings
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1,
@@ -142,58 +141,6 @@ def block_index(path: str) -> int:
     return numbers[0] if numbers else 0
 
 
-def _fits(value, hint) -> bool:
-    """isinstance against a settings field's annotation (Optional[...], int, float, str, dict)."""
-    if hint is Any:
-        return True
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) and hint is not bool:
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-@dataclasses.dataclass
-class Settings:
-    """A method's own settings. Field names are its keys in adapter_config.json; FLAGS maps the
-    command-line flags that set them (underscored) to those fields."""
-
-    FLAGS: ClassVar[dict[str, str]] = {}
-
-    @classmethod
-    def from_flags(cls, r: int, flags: dict, method: str) -> "Settings":
-        values = {}
-        for flag, value in flags.items():
-            if flag not in cls.FLAGS:
-                raise UserError(f"--{flag.replace('_', '-')} is not a setting of --method {method}")
-            values[cls.FLAGS[flag]] = value
-        return cls(**values).resolve(r)
-
-    @classmethod
-    def from_stored(cls, d: dict, r: int, source: str) -> "Settings":
-        hints = typing.get_type_hints(cls)
-        values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        for key, value in values.items():
-            if not _fits(value, hints[key]):
-                raise UserError(f"{source}: {key} has the wrong type ({value!r})")
-        return cls(**values).resolve(r)
-
-    def resolve(self, r: int) -> "Settings":
-        """Fill in the defaults that depend on the rank."""
-        return self
-
-    def check(self, r: int, h: Optional[int] = None, o: Optional[int] = None) -> None:
-        """Raise UserError if these settings cannot build a layer (of size h -> o, when given)."""
-
-    def to_stored(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def format_1_refused(source: str, title: str, why: str) -> UserError:
     """The error for a format-1 adapter that this version builds differently, with the way out."""
     return UserError(f"{source}: this {title} adapter was saved by prolora 0.1, {why}; convert it with "
@@ -202,21 +149,29 @@ def format_1_refused(source: str, title: str, why: str) -> UserError:
 
 class Method:
     """One adapter method, as the rest of the package sees it. Subclass it in the method's file
-    and export an instance as METHOD; register the module in adapters/__init__.py."""
+    and export an instance as METHOD; register its folder in methods/__init__.py."""
 
-    name: ClassVar[str] = ""
-    title: ClassVar[str] = ""                             # how people write it: "PRoLoRA"
-    Settings: ClassVar[type] = Settings
+    name: ClassVar[str] = ""                              # its key in the registry
     default_targets: ClassVar[Optional[tuple[str, ...]]] = None   # None: every projection
     note: ClassVar[Optional[str]] = None                  # printed under count-params
     fit_budget = None  # optional: (shapes, num_layers, budget, max_rank, top) -> rows
 
+    @property
+    def title(self) -> str:
+        """How people write it: "PRoLoRA" (its settings module's TITLE)."""
+        return methods.title(self.name)
+
+    @property
+    def settings_class(self) -> type[Settings]:
+        """Its settings (its settings module's SETTINGS)."""
+        return methods.settings_class(self.name)
+
     def settings(self, r: int, flags: dict) -> Settings:
-        return self.Settings.from_flags(r, flags, self.name)
+        return self.settings_class.from_flags(r, flags, self.name)
 
     def read_settings(self, d: dict, version: int, source: str) -> Settings:
         """This method's settings from a stored adapter_config.json of format `version`."""
-        return self.Settings.from_stored(d, d["r"], source)
+        return self.settings_class.from_stored(d, d["r"], source)
 
     def build_layers(self, cfg, bases: dict[str, nn.Module]) -> dict[str, AdapterLayer]:
         """One layer per base linear layer, by module path; tensors shared across modules are

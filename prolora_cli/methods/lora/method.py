@@ -26,7 +26,7 @@ def lora_layer(base: nn.Module, r: int, alpha: float, dropout: float, scaling: f
 
 
 class LoRA(Method):
-    name, title = "lora", "LoRA"
+    name = "lora"
 
     def build_layers(self, cfg, bases):
         return {path: lora_layer(base, cfg.r, cfg.alpha, cfg.dropout, scaling=cfg.scaling) for path, base in bases.items()}

@@ -11,14 +11,12 @@ The saved A holds only the surviving values and a bit mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer, Method, Settings, block_index, kaiming_uniform_
-from prolora_cli.errors import UserError
+from prolora_cli.methods.base import AdapterLayer, Method, block_index, kaiming_uniform_
 
 
 def rank_ramp(r_first: int, r_last: int, num_layers: int) -> list[int]:
@@ -113,32 +111,8 @@ class PRILoRALinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, sparsity={self.sparsity:.2f}"
 
 
-@dataclass
-class PRILoRASettings(Settings):
-    rank_first: Optional[int] = None   # rank of the first block; default r/2
-    rank_last: Optional[int] = None    # rank of the last block; default 3r/2
-    prune_every: int = 50              # prune A every N optimizer steps (0: never)
-    prune_fraction: float = 0.05       # share of each row of A pruned each time
-    max_sparsity: float = 0.5          # stop pruning a row at this share
-    ranks: Optional[dict] = None       # written when saving: the rank of each module
-
-    FLAGS = {k: k for k in ("rank_first", "rank_last", "prune_every", "prune_fraction", "max_sparsity")}
-
-    def resolve(self, r: int) -> "PRILoRASettings":
-        first = self.rank_first if self.rank_first is not None else max(1, round(r / 2))
-        last = self.rank_last if self.rank_last is not None else round(3 * r / 2)
-        return replace(self, rank_first=first, rank_last=last)
-
-    def check(self, r, h=None, o=None) -> None:
-        if min(self.rank_first, self.rank_last) < 1:
-            raise UserError(f"PRILoRA ranks must be >= 1, got {self.rank_first} and {self.rank_last}")
-        if not (0 <= self.prune_fraction <= 1 and 0 <= self.max_sparsity < 1 and self.prune_every >= 0):
-            raise UserError("PRILoRA needs 0 <= --prune-fraction <= 1, 0 <= --max-sparsity < 1, --prune-every >= 0")
-
-
 class PRILoRA(Method):
-    name, title = "prilora", "PRILoRA"
-    Settings = PRILoRASettings
+    name = "prilora"
     note = "PRILoRA before pruning; the saved A keeps (1 - max sparsity) of its entries."
 
     def build_layers(self, cfg, bases):

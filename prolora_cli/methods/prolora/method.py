@@ -1,7 +1,7 @@
 """PRoLoRA: partial rotation of shared LoRA chunks (Wang et al., ACL 2024).
 
-The whole method lives in this file: trainable shapes, the expansion index, the init and the
-layer. No I/O and no CLI here. `docs/method.md` and the spec it follows give the formulas.
+This file holds the method's tensors: trainable shapes, the expansion index, the init and the
+layer; its settings and flags are in settings.py. No I/O and no CLI here. `docs/method.md` and the spec it follows give the formulas.
 
 A frozen linear layer W0 (o x h) gets dW = scaling * B @ A with A: r x h, B: o x r, where
   A = [expand(A_shared) ; A_unshared]      B = [expand(B_shared) | B_unshared]
@@ -12,18 +12,13 @@ them to length. u = r is exactly LoRA.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer, Method, Settings, kaiming_uniform_
 from prolora_cli.errors import UserError
-
-BROADCASTS = ("hidden", "rank")
-ROTATIONS = ("rank", "hidden", "none")
-INITS = ("rectified", "vanilla")
+from prolora_cli.methods.base import AdapterLayer, Method, kaiming_uniform_
+from prolora_cli.methods.prolora.settings import validate
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -91,30 +86,6 @@ def expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str = "
     return a_idx, b_idx
 
 
-def validate(r: int, u: int, m: int, n: int, broadcast: str, rotation: str, init: str,
-             h: int | None = None, o: int | None = None) -> None:
-    """Raise ValueError with one readable sentence if the settings cannot build a layer
-    (of size h -> o, when the sizes are given)."""
-    if r < 1:
-        raise ValueError(f"rank must be >= 1, got {r}")
-    if not 0 <= u <= r:
-        raise ValueError(f"unshared rank must be between 0 and rank ({r}), got {u}")
-    if m < 1 or n < 1:
-        raise ValueError(f"sharing ratios must be >= 1, got m={m}, n={n}")
-    if broadcast not in BROADCASTS:
-        raise ValueError(f"broadcast must be one of {', '.join(BROADCASTS)}, got {broadcast!r}")
-    if rotation not in ROTATIONS:
-        raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if r > u:  # ratios only matter when something is shared
-        a_dim, b_dim = (h, o) if broadcast == "hidden" else (r - u, r - u)
-        if a_dim is not None and m > a_dim:
-            raise ValueError(f"sharing ratio m={m} is larger than the dimension it splits ({a_dim})")
-        if b_dim is not None and n > b_dim:
-            raise ValueError(f"sharing ratio n={n} is larger than the dimension it splits ({b_dim})")
-
-
 class PRoLoRALinear(AdapterLayer):
     """A frozen nn.Linear (or bitsandbytes Linear4bit) plus a PRoLoRA update.
 
@@ -178,33 +149,8 @@ class PRoLoRALinear(AdapterLayer):
 # The method, as the rest of the package sees it
 
 
-@dataclass
-class PRoLoRASettings(Settings):
-    u: Optional[int] = None   # unshared ranks; default r, i.e. plain LoRA
-    m: Optional[int] = None   # sharing ratio of A; default r - u (at least 1)
-    n: Optional[int] = None   # sharing ratio of B; default m
-    broadcast: str = "hidden"
-    rotation: str = "rank"
-    init: str = "rectified"
-
-    FLAGS = {"unshared": "u", "share": "m", "share_b": "n", "broadcast": "broadcast",
-             "rotation": "rotation", "init": "init"}
-
-    def resolve(self, r: int) -> "PRoLoRASettings":
-        u = r if self.u is None else self.u
-        m = self.m if self.m is not None else max(r - u, 1)
-        return replace(self, u=u, m=m, n=self.n if self.n is not None else m)
-
-    def check(self, r, h=None, o=None) -> None:
-        try:
-            validate(r, self.u, self.m, self.n, self.broadcast, self.rotation, self.init, h, o)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-
 class PRoLoRA(Method):
-    name, title = "prolora", "PRoLoRA"
-    Settings = PRoLoRASettings
+    name = "prolora"
 
     def build_layers(self, cfg, bases):
         s = cfg.settings

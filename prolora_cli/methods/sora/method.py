@@ -16,15 +16,14 @@ LoRA with a rank of its own per module (`ranks`), saved with the training-time s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer, Method, Settings, kaiming_uniform_
+from prolora_cli.methods.base import AdapterLayer, Method, kaiming_uniform_
 from prolora_cli.methods.lora.method import lora_layer
-from prolora_cli.errors import UserError
 
 
 def proximal_step(g: torch.Tensor, xi: float) -> torch.Tensor:
@@ -75,27 +74,8 @@ class SoRALinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r_max={self.r}, live={int((self.gate != 0).sum())}"
 
 
-@dataclass
-class SoRASettings(Settings):
-    sparse_lambda: float = 10.0            # eta: weight of the mean-|g| penalty in the loss
-    sparse_lambda_2: float = 3e-4          # xi: threshold of the proximal step
-    max_lambda: Optional[float] = None     # with lambda_stages > 1, xi rises to this
-    lambda_stages: int = 1
-    ranks: Optional[dict] = None           # after training: the ranks left per module
-
-    FLAGS = {"sparse_lambda": "sparse_lambda", "sparse_lambda_2": "sparse_lambda_2",
-             "max_lambda": "max_lambda", "lambda_stages": "lambda_stages"}
-
-    def check(self, r, h=None, o=None) -> None:
-        if not (self.sparse_lambda >= 0 and self.sparse_lambda_2 >= 0 and self.lambda_stages >= 1):
-            raise UserError("SoRA needs --sparse-lambda >= 0, --sparse-lambda-2 >= 0 and --lambda-stages >= 1")
-        if self.lambda_stages > 1 and self.max_lambda is None:
-            raise UserError("SoRA's --lambda-stages > 1 needs --max-lambda, the last threshold")
-
-
 class SoRA(Method):
-    name, title = "sora", "SoRA"
-    Settings = SoRASettings
+    name = "sora"
     note = "SoRA counts r_max ranks and the gates; the saved adapter keeps only the ranks left open."
 
     def read_settings(self, d, version, source):

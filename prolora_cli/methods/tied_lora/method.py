@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer, Method, base_device, block_index, format_1_refused, kaiming_uniform_
 from prolora_cli.errors import UserError
+from prolora_cli.methods.base import AdapterLayer, Method, base_device, block_index, format_1_refused, kaiming_uniform_
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -51,7 +51,7 @@ class TiedLoRALinear(AdapterLayer):
 
 
 class TiedLoRA(Method):
-    name, title = "tied-lora", "Tied-LoRA"
+    name = "tied-lora"
     default_targets = QKV
 
     def read_settings(self, d, version, source):

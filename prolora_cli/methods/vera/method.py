@@ -12,12 +12,11 @@ rebuilt on load, never saved. Each module trains only d (r, init `vera_d_init`) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer, Method, Settings, base_device, format_1_refused
+from prolora_cli.methods.base import AdapterLayer, Method, base_device, format_1_refused
 
 
 def projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +56,8 @@ class VeRALinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}"
 
 
-@dataclass
-class VeRASettings(Settings):
-    vera_seed: int = 0          # seed of the frozen pair (PEFT's projection_prng_key)
-    vera_d_init: float = 0.1    # initial value of d
-
-    FLAGS = {"vera_seed": "vera_seed", "vera_d_init": "vera_d_init"}
-
-
 class VeRA(Method):
-    name, title = "vera", "VeRA"
-    Settings = VeRASettings
+    name = "vera"
     note = "VeRA's frozen random A and B are rebuilt from a seed: neither trained nor saved."
 
     def read_settings(self, d, version, source):

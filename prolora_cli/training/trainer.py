@@ -1,0 +1,176 @@
+"""A training run from start to end: QLoRA + PRoLoRA (or any method) on chat data, driven by accelerate.
+
+A plain loop (loop.py) rather than transformers' Trainer: Trainer refuses 4-bit models whose adapters
+are not PEFT's. accelerate still brings devices, mixed precision, DDP/FSDP through `accelerate launch`,
+and checkpoint state; transformers brings the schedule and length grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+from prolora_cli import __version__
+from prolora_cli.adapter.files import read_config, read_tensors
+from prolora_cli.adapter.inject import count_trainable, inject
+from prolora_cli.data.chat import resolve_chat_format
+from prolora_cli.errors import UserError
+from prolora_cli.fileio import write_text_atomic
+from prolora_cli.models.loading import load_model, quiet_libraries
+from prolora_cli.training.args import TrainArgs, trackers_of
+from prolora_cli.training.data import (count_steps, make_loaders, mix, read_eval_records, read_sources,
+                                       tokenize_split, training_rows)
+from prolora_cli.training.loop import Progress, Reporter, Run
+from prolora_cli.training.optimization import build_optimizer, build_scheduler
+from prolora_cli.training.run_config import RUN_KEY, flag_values
+from prolora_cli.training.run_folder import LOG_NAME, RUN_CONFIG, STATE_NAME, prepare_output
+from prolora_cli.training.sharding import check_shardable, fsdp_requested, param_shapes
+
+
+def load_inputs(args: TrainArgs, device, say):
+    """Data first (a bad file should fail before the model loads), then model and tokenizer.
+    Returns (model, tokenizer, model id, chat format, train dataset, eval dataset or None)."""
+    sources = read_sources(args, say)
+    eval_records = read_eval_records(args)
+    model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
+                                            trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
+    fmt = resolve_chat_format(tokenizer, args.chat_format)
+    train_ds = mix([tokenize_split(src, records, tokenizer, args, fmt, say) for src, records, _ in sources], args)
+    eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
+    return model, tokenizer, model_id, fmt, train_ds, eval_ds
+
+
+def make_accelerator(args: TrainArgs) -> Accelerator:
+    use_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    bf16 = not use_cpu and torch.cuda.is_bf16_supported()
+    # Accumulation is done by hand (Run.train_step) to normalise the loss by the tokens of the
+    # whole step; split_batches: each process takes its slice of every global micro-batch.
+    return Accelerator(cpu=use_cpu, mixed_precision="bf16" if bf16 else "no",
+                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       log_with=trackers_of(args.report_to) or None,
+                       project_config=ProjectConfiguration(project_dir=str(args.output),
+                                                           logging_dir=str(args.output / "logs")))
+
+
+def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run:
+    """Everything up to the first step: accelerator, data, model with its adapter, optimizer."""
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    say = report.message if accelerator.is_main_process else (lambda _msg: None)
+    n = accelerator.num_processes
+    launch = f"{n} processes ({accelerator.distributed_type.value.lower()})" if n > 1 else "1 process"
+    say(f"{launch}: batch {args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
+        f"{args.batch_size * n * args.grad_accum} sequences per step")
+    model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
+    # The adapter settings of a resumed run are the run's own, not this command line's.
+    cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
+    layers = inject(model, cfg)
+    if fsdp_requested():
+        check_shardable(cfg, layers)
+    shapes = param_shapes(layers)
+    for param in model.parameters():  # zero-sized (PRoLoRA with u = 0): nothing to learn, and DDP
+        if param.numel() == 0:        # would wait for gradients they never get
+            param.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total_params = count_trainable(model)
+    rows = training_rows(train_ds, args)
+    loader, eval_loader = make_loaders(rows, eval_ds, tokenizer.pad_token_id, args, n)
+    sampler = loader.sampler
+    total_steps = count_steps(len(rows), args, n)[1]
+    optimizer = build_optimizer(model, layers, args)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    # Stepped by hand once per optimizer step; registered so checkpoints hold it.
+    accelerator.register_for_checkpointing(scheduler)
+    info = dict(model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
+                trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
+                steps=total_steps, batch=args.batch_size * args.grad_accum * n, processes=n)
+    return Run(args=args, cfg=cfg, report=report, accelerator=accelerator, model=model,
+               raw_model=accelerator.unwrap_model(model), layers=layers, shapes=shapes, loader=loader,
+               sampler=sampler, eval_loader=eval_loader, optimizer=optimizer, scheduler=scheduler,
+               total_steps=total_steps, info=info, progress=Progress(processes=n))
+
+
+def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
+    """Checkpoints hold the adapter (never the frozen base); resume loads one, a new run writes
+    its run_config.json. Either way train_log.jsonl restarts from the history kept so far."""
+    def save_hook(models, weights, output_dir):
+        weights.clear()
+        run.save_adapter(Path(output_dir), run.cfg)
+
+    def load_hook(models, input_dir):
+        models.clear()
+        run.load_adapter(read_tensors(input_dir))
+
+    run.accelerator.register_save_state_pre_hook(save_hook)
+    run.accelerator.register_load_state_pre_hook(load_hook)
+    args = run.args
+    if resume_from is not None:
+        progress = Progress(**json.loads((resume_from / STATE_NAME).read_text()))
+        if progress.processes != run.accelerator.num_processes:
+            raise UserError(f"{resume_from} was written by {progress.processes} process(es); resume it with "
+                            f"{progress.processes} (each process's random state and share of the data are in it)")
+        run.accelerator.load_state(str(resume_from))
+        run.progress = progress
+        run.say(f"resuming from {resume_from.name} (step {run.progress.step} of {run.total_steps})")
+    elif run.main:
+        args.output.mkdir(parents=True, exist_ok=True)
+        facts = {"prolora": __version__, "base_model": run.cfg.base_model, "chat_format_used": run.info["chat_format"],
+                 "processes": run.accelerator.num_processes, "adapter": run.cfg.to_dict()}
+        write_text_atomic(args.output / RUN_CONFIG, json.dumps(
+            {**flag_values(args, run.cfg.to_flags()), RUN_KEY: facts}, indent=2) + "\n")
+    if run.main:  # on resume, forget what the interrupted run logged after its checkpoint
+        write_text_atomic(args.output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in run.progress.history))
+
+
+def init_trackers(run: Run) -> None:
+    """The run's flags as hyperparameters of --report-to's trackers (they take plain values only)."""
+    flags = flag_values(run.args, run.cfg.to_flags())
+    run.accelerator.init_trackers("prolora", config={k: ",".join(v) if isinstance(v, list) else v
+                                                     for k, v in flags.items() if v is not None})
+
+
+def train(args: TrainArgs, report: Reporter) -> dict:
+    """Run (or resume) training. `report` receives progress events (see cli.render.TrainReporter)."""
+    quiet_libraries()
+    args.check()
+    resume_from = prepare_output(args)
+    if resume_from is not None:
+        args = replace(args, adapter=read_config(resume_from))
+    run = setup(args, report, resume_from)
+    start_or_resume(run, resume_from)
+    # Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary and stops.
+    stop = {"asked": False}
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    if run.accelerator.log_with:
+        init_trackers(run)
+    report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
+    try:
+        if run.eval_loader is not None and run.progress.step == 0:  # where the curve starts
+            run.log(dict(step=0, epoch=0, eval_loss=run.evaluate()))
+        run.loop(stop)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    summary = run.finish()
+    if run.accelerator.log_with:
+        run.accelerator.end_training()
+    if run.main:
+        report.end(summary)
+    return summary
