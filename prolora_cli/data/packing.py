@@ -9,6 +9,9 @@ first token of every example is never trained, so no label crosses a boundary.
 
 from __future__ import annotations
 
+import torch
+from datasets import Dataset
+
 from prolora_cli.data.chat import IGNORE
 
 
@@ -26,7 +29,6 @@ def pack(ds, max_len: int):
         row["position_ids"] += list(range(len(ids)))
     for k in rows:
         rows[k].append(row[k])
-    from datasets import Dataset
 
     return Dataset.from_dict(rows)
 
@@ -34,8 +36,6 @@ def pack(ds, max_len: int):
 def collate_packed(pad_id: int):
     """Right-padded rows with a (batch, 1, L, L) bool mask: causal within each example only. A padding
     position attends to the row's first token (a row with nothing to attend to would give NaN)."""
-    import torch
-
     def fn(rows):
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

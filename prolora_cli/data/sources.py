@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
+
+import datasets
 
 from prolora_cli.data.formats import DATA_FORMATS, BadRecord, parse_record
 from prolora_cli.errors import UserError
@@ -30,8 +33,6 @@ def table_records(source: str, table, data_format: str, skip_bad: bool):
     """A table's rows as chat records, converted and checked by `datasets.map`: the result is another
     memory-mapped dataset (messages, format, row), never a Python list. Its temporary files go to a
     scratch folder, not beside the user's data (datasets' caching is off meanwhile)."""
-    import datasets
-
     def convert(row, i):
         try:
             record = parse_record(dict(row), data_format)  # map hands over a lazy mapping
@@ -66,8 +67,6 @@ def is_hub_id(path) -> bool:
 def load_hub(name: str, split: str):
     """A hub dataset from the local cache only (`huggingface-cli download --repo-type dataset` or an
     earlier load_dataset fills it): a training run never waits on the network."""
-    import datasets
-
     offline = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = True
     try:
@@ -130,8 +129,6 @@ def jsonl_objects(path: Path, strict: bool = False):
 
 def load_table(path: Path):
     """JSON, Parquet, CSV or a `datasets.save_to_disk` folder, through `datasets` (memory-mapped)."""
-    import datasets
-
     if path.is_dir():
         if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
             raise UserError(f"{path}: a folder that is not a saved dataset (no dataset_info.json)")
@@ -150,7 +147,5 @@ def load_table(path: Path):
 
 def describe_formats(records) -> str:
     """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found (records: a list or a dataset)."""
-    from collections import Counter
-
     counts = Counter(r["format"] for r in records) if isinstance(records, list) else Counter(records["format"])
     return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {f}" for f, n in counts.most_common())

@@ -1,27 +1,29 @@
 """`prolora train --dry-run`: everything up to the first step, without the model's weights, writing nothing.
 
-Reads and renders the data, tokenizes it, counts what would be trained, and sizes the run from the
-model's configuration alone (the planner's parameter count, an estimate of memory per device).
+Reads and renders the data, tokenizes (and packs) it as training does, counts what would be trained and
+the steps (the same count the run makes), and sizes the run from the model's configuration alone (the
+planner's parameter count, an estimate of memory per device).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
+
+from prolora_cli.adapter.planner import plan
+from prolora_cli.data.chat import IGNORE, resolve_chat_format
+from prolora_cli.data.sources import describe_formats
+from prolora_cli.models.arch import resolve_architecture
+from prolora_cli.models.loading import load_tokenizer, quiet_libraries
+from prolora_cli.training.args import TrainArgs
+from prolora_cli.training.data import count_steps, mix, read_sources, tokenize_split, training_rows
 
 NF4_BYTES = 4.127 / 8      # NF4 with double-quantised absmax: 4 + 8/64 + 32/(64*256) bits per weight
 ADAM_BYTES = 16            # fp32 weight, gradient and two AdamW moments per trainable parameter
 ACTIVATION_BYTES = 34      # per token, hidden unit and block in 16 bits (Korthikanti et al. 2022), no checkpointing
 
 
-def dry_run(args) -> dict:
-    from prolora_cli.models.arch import resolve_architecture
-    from prolora_cli.data.chat import IGNORE, describe_formats, resolve_chat_format
-    from prolora_cli.models.loading import load_tokenizer, quiet_libraries
-    from prolora_cli.adapter.planner import plan
-    from prolora_cli.training.loop import mix, read_sources, tokenize_split
-
+def dry_run(args: TrainArgs) -> dict:
     quiet_libraries()
     notes: list[str] = []
     sources = read_sources(args, notes.append)
@@ -37,17 +39,17 @@ def dry_run(args) -> dict:
     arch = resolve_architecture(args.model)
     trainable = plan(arch, args.adapter)["trainable_params"]
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = args.batch_size * processes * args.grad_accum
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / (args.batch_size * processes)) / args.grad_accum)
-    steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    rows = len(training_rows(ds, args))
+    steps_per_epoch, steps = count_steps(rows, args, processes)
     example = ds[0]
     return {"examples": len(lengths), "dropped": dropped, "skipped_bad_records": skipped,
             "data_format": ", ".join(describe_formats(rs) for _, rs, _ in sources), "chat_format": fmt, "notes": notes,
             "tokens": sum(lengths), "trained_tokens": sum(trained),
             "length": {"min": min(lengths), "median": statistics.median(lengths),
                        "p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))], "max": max(lengths)},
-            "trainable_params": trainable, "processes": processes, "global_batch": batch,
-            "steps_per_epoch": steps_per_epoch, "steps": steps,
+            "trainable_params": trainable, "processes": processes,
+            "global_batch": args.batch_size * processes * args.grad_accum,
+            "rows": rows if args.packing else None, "steps_per_epoch": steps_per_epoch, "steps": steps,
             "memory_per_device_gib": memory_estimate(arch, args, trainable, max(lengths), processes),
             "example": {"tokens": [tokenizer.decode([t]) for t in example["input_ids"]],
                         "trained": [label != IGNORE for label in example["labels"]]}}

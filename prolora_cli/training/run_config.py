@@ -9,7 +9,10 @@ loader skips: `prolora train --config out/run_config.json --output out2` repeats
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
+
+import yaml
 
 from prolora_cli.errors import UserError
 
@@ -20,8 +23,6 @@ NOT_WRITTEN = ("config", "resume", "overwrite", "dry_run", "as_json")  # what on
 def read_config_file(path: str | Path, params: dict) -> dict:
     """{parameter name: value} from a YAML or JSON file. `params` = the command's click parameters by
     name; an unknown key or a value of the wrong shape is one line naming the key."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config: file not found: {path}")
@@ -56,8 +57,6 @@ def read_config_file(path: str | Path, params: dict) -> dict:
 
 def flag_values(args, adapter_flags: dict) -> dict:
     """What run_config.json holds: every flag of the run with its value, named as on the command line."""
-    from dataclasses import fields
-
     out = {}
     for f in fields(args):
         if f.name == "adapter" or f.name in NOT_WRITTEN:

@@ -12,10 +12,16 @@ one block whole, never the model, and only the adapter's tensors are kept.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+from prolora_cli.adapter.inject import layers_state, load_layers_state
 from prolora_cli.errors import UserError
+from prolora_cli.methods.base import Method
 
 
 def fsdp_requested() -> bool:
@@ -35,18 +41,12 @@ def block_classes(model) -> set[type]:
 def wrap_policy(model):
     """torch FSDP's auto-wrap policy with one unit per decoder block (what the accelerate config's
     TRANSFORMER_BASED_WRAP builds from fsdp_transformer_layer_cls_to_wrap)."""
-    import functools
-
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
     return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model))
 
 
 def check_shardable(cfg, layers: dict) -> None:
     """Refuse, before any work, what FSDP cannot shard: tensors shared across blocks, and a method that
     rebuilds its layers at the end of training (it would read sharded parameters)."""
-    from prolora_cli.methods.base import Method
-
     shared = sorted({key for layer in layers.values() for key in layer.shared_state()})
     if shared:
         raise UserError(f"FSDP cannot shard this adapter: {shared[0]} is shared by modules of different "
@@ -57,16 +57,12 @@ def check_shardable(cfg, layers: dict) -> None:
 
 
 def units(model) -> list:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     return FSDP.fsdp_modules(model)
 
 
 @contextmanager
 def whole(unit, writeback: bool):
     """One FSDP unit's own parameters (not its sub-units') unsharded, on every process."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     with FSDP.summon_full_params(unit, recurse=False, writeback=writeback):
         yield
 
@@ -98,8 +94,6 @@ def each_whole_layer(model, layers: dict, shapes: dict, writeback: bool = False)
 
 def full_adapter_state(model, layers: dict, shapes: dict) -> dict:
     """Every adapter tensor, whole and on the CPU, on every process (only the adapter is kept)."""
-    from prolora_cli.adapter.inject import layers_state
-
     state = {}
     for path, layer in each_whole_layer(model, layers, shapes):
         state.update({k: v.detach().to("cpu", copy=True) for k, v in layers_state({path: layer}).items()})
@@ -108,8 +102,6 @@ def full_adapter_state(model, layers: dict, shapes: dict) -> dict:
 
 def load_full_adapter_state(model, layers: dict, shapes: dict, state: dict) -> None:
     """The reverse, for resume: each unit whole in turn, its layers' tensors copied in, sharded again."""
-    from prolora_cli.adapter.inject import load_layers_state
-
     for path, layer in each_whole_layer(model, layers, shapes, writeback=True):
         prefix = f"{path}."
         load_layers_state({path: layer}, {k: v for k, v in state.items() if k.startswith(prefix)})

@@ -25,8 +25,15 @@ from prolora_cli.errors import UserError
 from prolora_cli.fileio import write_text_atomic
 from prolora_cli.models.loading import load_model, quiet_libraries
 from prolora_cli.training.args import TrainArgs, trackers_of
-from prolora_cli.training.data import (count_steps, make_loaders, mix, read_eval_records, read_sources,
-                                       tokenize_split, training_rows)
+from prolora_cli.training.data import (
+    count_steps,
+    make_loaders,
+    mix,
+    read_eval_records,
+    read_sources,
+    tokenize_split,
+    training_rows,
+)
 from prolora_cli.training.loop import Progress, Reporter, Run
 from prolora_cli.training.optimization import build_optimizer, build_scheduler
 from prolora_cli.training.run_config import RUN_KEY, flag_values
