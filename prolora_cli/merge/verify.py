@@ -16,11 +16,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prolora_cli.models.safetensors_files import INDEX_NAME, ITEM_SIZE, SINGLE_NAME, Checkpoint
-from prolora_cli.merge.stream import DTYPES, VerificationFailed, nf4_round_trip
+from prolora_cli.adapter.inject import attach
+from prolora_cli.errors import VerificationFailed
+from prolora_cli.merge.weights import nf4_round_trip
 from prolora_cli.models.loading import empty_model
+from prolora_cli.models.safetensors_files import DTYPES, INDEX_NAME, ITEM_SIZE, SINGLE_NAME, Checkpoint
 
 # Allowed max |logit difference| between the merged model and base + adapter, relative to the largest
 # |logit|. fp32 differs only by summation order; fp16/bf16 round W0 + dW once more than the unmerged
@@ -42,8 +46,6 @@ def read_index(folder: Path, layout: dict) -> tuple[dict, int | None]:
 
 
 def check_structure(folder: Path, layout: dict, weight_map: dict, stated_total: int | None) -> None:
-    from safetensors import safe_open
-
     found, total = {}, 0
     for name in sorted(set(weight_map.values())):
         with safe_open(str(folder / name), framework="pt") as f:  # header only: no page is touched
@@ -68,8 +70,6 @@ def check_structure(folder: Path, layout: dict, weight_map: dict, stated_total: 
 
 def written(file: Path, key: str) -> torch.Tensor:
     """One tensor read back by safetensors itself, its file opened (memory-mapped) for that tensor only."""
-    from safetensors import safe_open
-
     with safe_open(str(file), framework="pt") as f:
         return f.get_tensor(key)
 
@@ -104,8 +104,6 @@ def check_values(folder: Path, weights, layers: dict, layout: dict, weight_map: 
 def probe_inputs(folder: Path, vocab_size: int) -> dict:
     """A few fixed prompts (if the model has a tokenizer) and fixed random ids, so the check never
     depends on the text alone."""
-    from transformers import AutoTokenizer
-
     texts = ["The capital of France is", "def fibonacci(n):", "PRoLoRA merges into the base weights."]
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -159,10 +157,6 @@ def give_weights_while_running(module: nn.Module, prefix: str, metas: dict, read
 
 def functional_models(folder: Path, weights, cfg, state, verify: str):
     """(base + adapter unmerged, merged, their weight readers) as `verify` asks: streamed or loaded."""
-    from transformers import AutoModelForCausalLM
-
-    from prolora_cli.adapter.inject import attach
-
     if verify == "stream":
         merged_ckpt = Checkpoint(folder)
         reference = weights.skeleton  # the adapter's layers are already on it

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from torch import nn
+
 from prolora_cli.errors import UserError
-from prolora_cli.models.loading import empty_model
+from prolora_cli.models.loading import empty_model, loadable_source, resolve_source
 from prolora_cli.models.safetensors_files import DTYPES, FLOATS, Checkpoint, dtype_name
 
 BASES = ("full", "nf4")
@@ -15,7 +19,7 @@ BASES = ("full", "nf4")
 def nf4_round_trip(weight):
     """A weight as QLoRA's 4-bit base holds it: bitsandbytes NF4 with double quantisation, blocksize
     64 (transformers' BitsAndBytesConfig in `prolora train`), dequantized back to its dtype."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # slow to import, and only --base nf4 needs it
 
     q, state = bnbf.quantize_4bit(weight.float(), blocksize=64, compress_statistics=True, quant_type="nf4")
     return bnbf.dequantize_4bit(q, state).to(weight.dtype)
@@ -25,9 +29,6 @@ class BaseWeights:
     """The base checkpoint as the adapter sees it: what each tensor of the merged model must hold."""
 
     def __init__(self, ckpt: Checkpoint, base: str, out_dtype: str):
-        import torch
-        from torch import nn
-
         self.ckpt = ckpt
         self.skeleton = empty_model(ckpt.folder)
         self.out = getattr(torch, DTYPES[out_dtype])
@@ -64,14 +65,11 @@ class BaseWeights:
 def base_folder(source: str) -> tuple[Path, str]:
     """(a local folder for a base, what it is): the folder itself, a GGUF's cached conversion
     (in fp32, see models.gguf_as_folder), or a hub id's local snapshot."""
-    from prolora_cli.models.loading import loadable_source, resolve_source
-
     path = loadable_source(source)[0]
     if resolve_source(source)[0].endswith(".gguf"):
         return Path(path), "the GGUF's converted cache"
     if Path(path).is_dir():
         return Path(path), "the base checkpoint"
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",

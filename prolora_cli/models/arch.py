@@ -1,4 +1,6 @@
-"""Model architectures: the built-in presets and reading one from a config.json, without weights."""
+"""Model architectures: the built-in presets and reading one from a config.json, without weights.
+
+On the CLI's `--help` path (count-params' options): transformers loads only to read a GGUF header."""
 
 from __future__ import annotations
 

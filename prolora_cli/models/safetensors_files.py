@@ -5,7 +5,9 @@ the process's RSS until the file is closed (a whole shard, 5-50 GB), and `save_f
 shard in memory. The format is simple (an 8-byte little-endian header length, a JSON header, then raw
 little-endian bytes), so here tensors are read with plain file reads and written as their bytes
 arrive: memory holds the tensor in hand, never a shard. Files written here are checked with
-safetensors' own parser (`merge_check.check_structure`).
+safetensors' own parser (`merge/verify.check_structure`).
+
+The CLI reads DEFAULT_MAX_SHARD_SIZE from here for `merge --help`, so torch loads inside functions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -44,6 +47,8 @@ def dtype_name(dtype) -> str:
     return next(name for name, torch_name in TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
 
 
+# --dtype's names -> torch's.
+DTYPES = {short: TORCH_NAMES[stored] for stored, short in SHORT_DTYPES.items()}
 ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1}
 
@@ -163,8 +168,6 @@ class Checkpoint:
 
     def dtype(self) -> str | None:
         """'fp32', 'bf16' or 'fp16': what most of its floating numbers are stored in."""
-        from collections import Counter
-
         counts: Counter = Counter()
         for e in self.entries.values():
             if e.dtype in SHORT_DTYPES:
