@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
+from prolora_cli.adapter.planner import fit_budget, parse_count, plan
 from prolora_cli.cli import render
 from prolora_cli.cli.options import ADAPTER, METHOD, OUTPUT, RANK, TARGETS, adapter_config, with_method_flags
+from prolora_cli.models.arch import resolve_architecture
 
 BUDGET = "Budget"
 
@@ -28,9 +30,6 @@ def count_params(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.", rich_help_panel=OUTPUT),
 ):
     """Count trainable parameters for a setting, or find settings that fit a budget. Loads no weights."""
-    from prolora_cli.adapter.planner import fit_budget, parse_count, plan
-    from prolora_cli.models.arch import resolve_architecture
-
     arch = resolve_architecture(model)
     cfg = adapter_config(ctx.params)
     if budget is not None:

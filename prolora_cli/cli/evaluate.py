@@ -11,6 +11,9 @@ import typer
 
 from prolora_cli.cli import render
 from prolora_cli.errors import UserError
+from prolora_cli.fileio import write_text_atomic
+
+# The core loads inside the command: `prolora --help` must not import torch.
 
 
 def evaluate(
@@ -60,7 +63,6 @@ def evaluate(
 ):
     """Evaluate a base model, adapters or a merged model on chat JSONL or a published benchmark."""
     from prolora_cli.evaluation.chat_eval import EvalArgs, run_eval
-    from prolora_cli.fileio import write_text_atomic
 
     if (data is None) == (task is None):
         raise UserError("give either --data (chat JSONL) or --task (a benchmark), not both or neither")

@@ -10,6 +10,8 @@ from prolora_cli.cli import render
 from prolora_cli.cli.options import ADAPTER_FOLDER
 from prolora_cli.errors import UserError
 
+# The core loads inside the command: `prolora --help` must not import torch.
+
 
 def export(
     adapter: Path = ADAPTER_FOLDER,

@@ -9,6 +9,8 @@ import typer
 
 from prolora_cli.cli import render
 
+# The core loads inside the command: `prolora --help` must not import torch.
+
 
 def inspect(
     adapter: Path = typer.Argument(..., help="Adapter folder."),

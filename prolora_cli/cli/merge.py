@@ -11,6 +11,8 @@ from prolora_cli.cli import render
 from prolora_cli.cli.options import ADAPTER_FOLDER
 from prolora_cli.models.safetensors_files import DEFAULT_MAX_SHARD_SIZE
 
+# The core loads inside the command: `prolora --help` must not import torch.
+
 
 def merge(
     adapter: Path = ADAPTER_FOLDER,

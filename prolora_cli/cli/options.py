@@ -15,6 +15,7 @@ import typer
 
 from prolora_cli import methods
 from prolora_cli.adapter.config import AdapterConfig
+from prolora_cli.training.run_config import read_config_file
 
 DATA, MODEL_PANEL, ADAPTER, TRAINING, RUN, OUTPUT = "Data", "Model", "Adapter", "Optimisation", "Run and output", "Output"
 
@@ -39,8 +40,6 @@ ADAPTER_FOLDER = typer.Option(..., "--adapter", "-a", help="Adapter folder (adap
 def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]):
     """--config: the file's values become the command's defaults, so flags given on the command line win."""
     if value is not None:
-        from prolora_cli.training.run_config import read_config_file
-
         params = {p.name: p for p in ctx.command.params if p.name}
         ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, params)}
     return value

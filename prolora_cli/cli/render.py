@@ -1,12 +1,35 @@
-"""Rich output for long-running commands: the training progress bar and its summary."""
+"""Everything the CLI prints: tables of results, the training progress bar and its summary, eval
+progress. Commands hand over plain dicts; nothing here computes a result."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+# Off a terminal (CI logs, `| tee`) rich assumes 80 columns and squeezes tables; give it room instead.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def rank_zero() -> bool:
+    """The process that speaks under a launcher (torchrun sets RANK); the only one otherwise."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print_json(value) -> None:
+    out.print_json(json.dumps(value))
+
+
+def error(text: str) -> None:
+    """One line on stderr: what went wrong."""
+    err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
 
 
 def human_bytes(n: float) -> str:
@@ -124,3 +147,178 @@ class EvalProgress:
                 self.console.print(f"{label}: {state['done']}/{total} ({100 * state['done'] // max(total, 1)}%) "
                                    f"in {time.monotonic() - start:.0f} s", highlight=False)
         return advance
+
+
+# ---------------------------------------------------------------------------------------------
+# count-params
+
+
+def print_budget(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    columns = [k for k in (rows[0] if rows else {}) if k not in ("trainable_params", "equivalent_lora_rank")]
+    for col in columns + ["trainable params", "LoRA-equivalent rank"]:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*[str(row[k]) for k in columns], f"{row['trainable_params']:,}",
+                      f"{row['equivalent_lora_rank']:.2f}")
+    out.print(table)
+    if not rows:
+        out.print("Nothing fits: the budget is below the smallest setting at rank 1.")
+
+
+def print_plan(result: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("module", "layers", "in x out", "params / layer", "params"):
+        table.add_column(col, justify="right")
+    for row in result["per_target"]:
+        per = "by depth" if row["params_per_module"] is None else f"{row['params_per_module']:,}"
+        table.add_row(row["target"], str(row["modules"]), f"{row['in_features']} x {row['out_features']}",
+                      per, f"{row['params']:,}")
+    if result["shared_params"]:
+        table.add_row("shared", "", "", "", f"{result['shared_params']:,}")
+    table.add_section()
+    table.add_row("total", "", "", "", f"{result['trainable_params']:,}")
+    out.print(table)
+    out.print(f"bytes: {result['bytes_fp32']:,} fp32, {result['bytes_bf16']:,} bf16")
+    out.print(f"same budget as LoRA rank {result['equivalent_lora_rank']:.2f}; "
+              f"LoRA at rank {result['r']} would need {result['lora_params_same_rank']:,} params")
+    if result.get("note"):
+        out.print(result["note"])
+
+
+# ---------------------------------------------------------------------------------------------
+# train --dry-run, merge
+
+
+def print_dry_run(r: dict) -> None:
+    for note in r["notes"]:
+        out.print(note, highlight=False)
+    table = Table(title="dry run: nothing was trained or written", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    lengths = r["length"]
+    mem = r["memory_per_device_gib"]
+    rows = f" ({r['rows']:,} packed rows)" if r.get("rows") is not None else ""
+    for name, value in [
+            ("examples kept / dropped / bad", f"{r['examples']:,} / {r['dropped']:,} / {r['skipped_bad_records']:,}"),
+            ("data format / chat format", f"{r['data_format']} / {r['chat_format']}"),
+            ("tokens / trained tokens", f"{r['tokens']:,} / {r['trained_tokens']:,}"),
+            ("length min / median / p90 / max", f"{lengths['min']} / {lengths['median']:g} / {lengths['p90']} / {lengths['max']}"),
+            ("trainable params", f"{r['trainable_params']:,}"),
+            ("global batch (processes)", f"{r['global_batch']} ({r['processes']})"),
+            ("steps per epoch / steps", f"{r['steps_per_epoch']:,} / {r['steps']:,}{rows}"),
+            ("memory per device (estimate)", f"{mem['total']:.2f} GiB: base {mem['base']:.2f}, adapter+optimizer "
+                                             f"{mem['adapter_and_optimizer']:.2f}, activations {mem['activations']:.2f}")]:
+        table.add_row(name, value)
+    out.print(table)
+    example = Text()
+    for token, trained in zip(r["example"]["tokens"], r["example"]["trained"]):
+        example.append(token, style="bold green" if trained else "dim")
+    out.print("first example (trained tokens in bold green):")
+    out.print(example)
+
+
+def print_merge(r: dict) -> None:
+    out.print(f"merged {r['modules_merged']} modules into {r['output']}: {r['tensors']} tensors in {r['shards']} "
+              f"file(s), {r['total_size'] / 2**30:.2f} GiB, {r['dtype']} ({r['base']} base)", highlight=False)
+    if r["verify"] != "none":
+        out.print(f"checked: {r['tensors_identical']} tensors identical to the base, {r['tensors_converted']} "
+                  f"converted, {r['tensors_adapted']} equal to W0 + dW; logits differ by at most "
+                  f"{r['max_abs_logit_diff']:.3g}, {r['relative_diff']:.2g} of the largest "
+                  f"(tolerance {r['tolerance']:g}; worst block {r['worst_block']}: "
+                  f"{r['max_block_relative_diff']:.2g})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def percent(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+# The columns every comparison table starts with: (title, result key, format).
+MODEL_COLUMNS = [("model", "name", str), ("params", "trainable_params", lambda v: f"{v:,}"),
+                 ("bytes", "bytes", lambda v: human_bytes(v) if v else "-")]
+
+
+def print_table(title: str, results: list[dict], columns: list) -> None:
+    table = Table(title=title)
+    shown = [c for c in columns if any(r.get(c[1]) is not None for r in results)]
+    for name, *_ in shown:
+        table.add_column(name, justify="left" if name == "model" else "right")
+    for r in results:
+        table.add_row(*[fmt(r[key]) if r.get(key) is not None else "-" for _, key, fmt in shown])
+    out.print(table)
+
+
+def print_eval_results(report: dict, by_task: bool) -> None:
+    columns = MODEL_COLUMNS + [
+        ("loss", "loss", lambda v: f"{v:.4f}"), ("ppl", "perplexity", lambda v: f"{v:.2f}"),
+        ("exact match", "exact_match", percent), ("F1", "f1", percent),
+        ("choice acc/token", "choice_acc_token", percent), ("choice acc_norm", "choice_acc_norm", percent)]
+    print_table(f"{report['model']} on {report['data']} ({report['examples']} examples)", report["results"], columns)
+    if by_task:
+        for r in report["results"]:
+            t = Table(title=f"{r['name']} by task")
+            keys = [k for k in ("examples", "loss", "exact_match", "f1", "choice_acc_token", "choice_acc_norm")
+                    if any(k in v for v in r["by_task"].values())]
+            t.add_column("task")
+            for k in keys:
+                t.add_column(k, justify="right")
+            for name, v in r["by_task"].items():
+                t.add_row(name, *[("-" if k not in v else str(v[k]) if k == "examples" else f"{v[k]:.4f}")
+                                  for k in keys])
+            out.print(t)
+
+
+def print_task_results(report: dict, by_task: bool) -> None:
+    columns = MODEL_COLUMNS + [(m, m, percent) for m in report["metrics"]]
+    print_table(f"{report['model']}: {report['task']} ({report['examples']} examples, "
+                f"chat format {report['chat_format']})", report["results"], columns)
+    if by_task:
+        headline = report["metrics"][0]
+        t = Table(title=f"{report['task']} by subtask ({headline})")
+        t.add_column("subtask")
+        t.add_column("examples", justify="right")
+        for r in report["results"]:
+            t.add_column(r["name"], justify="right")
+        first = report["results"][0]["subtasks"]
+        for name, v in first.items():
+            t.add_row(name, str(v["examples"]), *[percent(r["subtasks"][name][headline]) for r in report["results"]])
+        out.print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def print_inspection(adapter, info: dict) -> None:
+    c = info["config"]
+    out.print(f"[bold]{adapter}[/]: {c['method']} adapter, format {c['format_version']}, base {c['base_model'] or '?'}",
+              highlight=False)
+    out.print(info["settings"], highlight=False)
+    out.print(f"trainable params {info['trainable_params']:,} ({human_bytes(info['bytes_on_disk'])} on disk); "
+              f"LoRA at the same ranks: {info['lora_params_same_rank']:,} "
+              f"({human_bytes(info['lora_bytes_fp32_same_rank'])} in fp32), "
+              f"{info['savings_vs_lora']:.2f}x more", highlight=False)
+    if info["shared_params"]:
+        out.print(f"of which {info['shared_params']:,} are shared by several modules", highlight=False)
+    table = Table(title="per module type")
+    for col in ("type", "modules", "in x out", "tensors (per module)", "params"):
+        table.add_column(col, justify="right")
+    for t in info["per_type"]:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in t["shapes"].items())
+        table.add_row(t["type"], str(t["modules"]), f"{t['in_features']} x {t['out_features']}", shapes,
+                      f"{t['params']:,}")
+    out.print(table)
+    table = Table(title="per module: dW = scaling * B @ A")
+    standard = ("module", "type", "in_features", "out_features", "adapter_rank", "params", "stored_values",
+                "dw_norm", "rank", "effective_rank")
+    extra = list(dict.fromkeys(k for m in info["per_module"] for k in m if k not in standard))  # the method's
+    for col in ["module", "adapter rank", "||dW||_F", "rank of dW", "effective rank"] + extra:
+        table.add_column(col.replace("_", " "), justify="right")
+    for m in info["per_module"]:
+        table.add_row(m["module"], str(m["adapter_rank"]), f"{m['dw_norm']:.4g}", str(m["rank"]),
+                      f"{m['effective_rank']:.2f}", *[f"{m[k]:.3g}" if k in m else "-" for k in extra])
+    out.print(table)

@@ -8,9 +8,25 @@ from typing import List, Optional
 import typer
 
 from prolora_cli.cli import render
-from prolora_cli.cli.options import (ALPHA, CONFIG, DATA, DROPOUT, METHOD, MODEL, MODEL_PANEL, RANK, RUN, SCALING,
-                                     TARGETS, TRAINING, adapter_config, with_method_flags)
+from prolora_cli.cli.options import (
+    ALPHA,
+    CONFIG,
+    DATA,
+    DROPOUT,
+    METHOD,
+    MODEL,
+    MODEL_PANEL,
+    RANK,
+    RUN,
+    SCALING,
+    TARGETS,
+    TRAINING,
+    adapter_config,
+    with_method_flags,
+)
 from prolora_cli.training.args import TrainArgs
+
+# The core loads inside the command: `prolora --help` must not import torch.
 
 
 def option(default, *names: str, panel: str, help: str | None = None):

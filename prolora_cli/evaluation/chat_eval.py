@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
-from prolora_cli.data.chat import IGNORE, pad_batch
+import torch
+import torch.nn.functional as F
+
+from prolora_cli.adapter.files import WEIGHTS_NAME, read_config, read_tensors
+from prolora_cli.adapter.inject import attach, count_trainable, remove_adapters
+from prolora_cli.data.chat import IGNORE, PLAIN, encode, pad_batch, render_prompt, resolve_chat_format
+from prolora_cli.data.formats import BadRecord
+from prolora_cli.data.sources import read_jsonl
 from prolora_cli.errors import UserError
+from prolora_cli.evaluation.generation import generate
 from prolora_cli.evaluation.tasks.base import exact_match, token_f1
+from prolora_cli.models.loading import load_model
 
 METRICS = ("loss", "exact-match", "choice")
 CHOICE_METRICS = ("choice_acc_token", "choice_acc_norm")
@@ -56,6 +65,14 @@ class EvalArgs:
     timeout: Optional[float] = None
     allow_code_execution: bool = False
 
+    @classmethod
+    def from_flags(cls, values: dict) -> "EvalArgs":
+        """From `prolora eval`'s parsed flags, by name (--adapter is repeated: `adapters`; --metrics is
+        comma-separated)."""
+        own = {f.name: values[f.name] for f in fields(cls) if f.name in values and f.name not in ("metrics", "stop")}
+        return cls(**own, adapters=list(values.get("adapter") or []), stop=list(values.get("stop") or []),
+                   metrics=tuple(m.strip() for m in values.get("metrics", ",".join(METRICS)).split(",") if m.strip()))
+
 
 def split_last_turn(messages: list[dict]) -> tuple[list[dict], str]:
     """(the conversation before the last assistant turn, that turn's text)."""
@@ -84,9 +101,6 @@ def token_losses(model, encoded: list[dict], pad_id: int, batch_size: int, advan
     at the positions that predict a trained token: on a 49k vocabulary that head is a fifth of the
     compute and most of the memory of a full-logits pass.
     """
-    import torch
-    import torch.nn.functional as F
-
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
@@ -117,9 +131,6 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
     its KV cache is repeated for the options; only the few reply tokens are computed per option.
     The prefix is found on the token ids, so any tokenizer merge at the boundary stays exact.
     """
-    import torch
-    import torch.nn.functional as F
-
     seqs = [o["input_ids"] for o in options]
     common = 0
     while all(len(s) > common + 1 for s in seqs) and len({s[common] for s in seqs}) == 1:
@@ -152,9 +163,6 @@ def option_losses(model, options: list[dict], pad_id: int) -> list[tuple[float, 
 def evaluate_model(model, tokenizer, records: list[dict], fmt: str, args: EvalArgs,
                    advance: Callable[[int], None]) -> tuple[dict, list[dict]]:
     """Every requested metric on one model; returns (summary, per-example rows)."""
-    from prolora_cli.data.chat import BadRecord, encode, render_prompt
-    from prolora_cli.evaluation.generation import generate
-
     model.eval()
     rows = [{"line": r["line"], "task": r.get("task"), "references": references(r)} for r in records]
 
@@ -234,8 +242,6 @@ def run_eval(args: EvalArgs, progress) -> dict:
 
     `progress(label, total)` returns an `advance(n)` callable for that model's pass.
     """
-    from prolora_cli.data.chat import read_jsonl
-
     unknown = set(args.metrics) - set(METRICS)
     if unknown:
         raise UserError(f"unknown metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
@@ -254,11 +260,6 @@ def run_eval(args: EvalArgs, progress) -> dict:
 def compare_models(args: EvalArgs, progress, per_pass: int, evaluate, plain_ok: bool = False) -> dict:
     """Load the base once; run `evaluate(model, tokenizer, chat_format, advance) -> (summary, rows)` on it
     (when asked, or when there is no adapter) and with each adapter attached in turn."""
-    from prolora_cli.adapter.files import WEIGHTS_NAME, read_config, read_tensors
-    from prolora_cli.data.chat import PLAIN, resolve_chat_format
-    from prolora_cli.adapter.inject import attach, count_trainable, remove_adapters
-    from prolora_cli.models.loading import load_model
-
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     plain = plain_ok and args.chat_format == PLAIN

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
+
 from prolora_cli.data.chat import pad_batch
+from prolora_cli.evaluation.tasks.base import cut_at_stop
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -23,10 +26,6 @@ def generate(model, tokenizer, prompts: Sequence[str], add_special: bool, max_ne
     batch pads little; greedy when temperature is 0, else sampled with a seed per batch (the same
     seed gives the same samples whatever else runs in the process).
     """
-    import torch
-
-    from prolora_cli.evaluation.tasks.base import cut_at_stop
-
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, end_of_turn_ids(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]

@@ -11,6 +11,10 @@ from typing import Callable
 
 from prolora_cli.data.chat import IGNORE, PLAIN, render_prompt
 from prolora_cli.errors import UserError
+from prolora_cli.evaluation import tasks
+from prolora_cli.evaluation.chat_eval import compare_models, option_losses, select
+from prolora_cli.evaluation.generation import generate
+from prolora_cli.evaluation.sandbox import interpreter
 from prolora_cli.evaluation.tasks.base import Item, Settings, Task
 
 
@@ -22,8 +26,6 @@ def prompt_text(item: Item, tokenizer, fmt: str) -> str:
 
 def most_likely(model, tokenizer, text: str, choices: list[str], add_special: bool) -> str:
     """The choice the model finds most likely to follow `text` (summed log-likelihood)."""
-    from prolora_cli.evaluation.chat_eval import option_losses
-
     context = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     options = []
     for choice in choices:
@@ -36,8 +38,6 @@ def most_likely(model, tokenizer, text: str, choices: list[str], add_special: bo
 
 def evaluate_task(model, tokenizer, task: Task, items: list[Item], settings: Settings, fmt: str,
                   batch_size: int, seed: int, advance: Callable[[int], None]) -> tuple[dict, list[dict]]:
-    from prolora_cli.evaluation.generation import generate
-
     model.eval()
     add_special = fmt != "template"  # a chat template writes its own special tokens
     texts = [prompt_text(item, tokenizer, fmt) for item in items]
@@ -73,9 +73,6 @@ def summarize(task: Task, rows: list[dict]) -> dict:
 
 def run_task_eval(args, progress) -> dict:
     """`args` is evaluation.EvalArgs with `task` set; `progress` as in evaluation.run_eval."""
-    from prolora_cli.evaluation import tasks
-    from prolora_cli.evaluation.chat_eval import compare_models, select
-
     task = tasks.get(args.task)
     if task.executes_code and not args.allow_code_execution:
         raise UserError(f"{task.name} runs the code the model writes; pass --allow-code-execution to allow it "
@@ -92,7 +89,6 @@ def run_task_eval(args, progress) -> dict:
     if not items:
         raise UserError(f"--task-data {args.task_data}: no {task.name} examples to evaluate")
     if task.executes_code:
-        from prolora_cli.evaluation.sandbox import interpreter
         interpreter()  # fail now, not after generating, if programs cannot be run
 
     report = compare_models(args, progress, len(items), lambda model, tokenizer, fmt, advance: evaluate_task(

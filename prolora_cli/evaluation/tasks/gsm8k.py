@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from prolora_cli.data.sources import jsonl_objects
 from prolora_cli.errors import UserError
 from prolora_cli.evaluation.tasks.base import Item, Settings, Task, need
 
@@ -21,8 +22,6 @@ CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
 def read_problems(path: Path) -> list[dict]:
-    from prolora_cli.data.chat import jsonl_objects
-
     problems = []
     for i, row in jsonl_objects(path, strict=True):
         try:

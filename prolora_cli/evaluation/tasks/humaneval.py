@@ -14,7 +14,9 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from prolora_cli.data.sources import jsonl_objects
 from prolora_cli.errors import UserError
+from prolora_cli.evaluation.sandbox import run_program
 from prolora_cli.evaluation.tasks.base import Item, Settings, Task
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
@@ -29,8 +31,6 @@ def packaged_problems() -> Optional[Path]:
 
 
 def read_problems(path: Path) -> list[dict]:
-    from prolora_cli.data.chat import jsonl_objects
-
     problems = []
     for i, row in jsonl_objects(path, strict=True):
         try:
@@ -73,8 +73,6 @@ class HumanEval(Task):
                      extra=p) for p in read_problems(path)]
 
     def score(self, item: Item, completions: list[str], settings: Settings) -> dict:
-        from prolora_cli.evaluation.sandbox import run_program
-
         outcomes = [run_program(program(item, c), settings.timeout) for c in completions]
         passed = sum(o == "passed" for o in outcomes)
         return {"pass@1": pass_at_k(len(outcomes), passed, 1), "outcomes": outcomes}
