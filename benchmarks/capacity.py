@@ -61,7 +61,7 @@ QUICK = ["lora-r2", "lora-r8", "prolora-r8-u1", "vera-r128", "tied-lora-r16", "s
 
 def token_chunks(seed: int = 0):
     """(tokenizer, a LongTensor of SEQ-token chunks of the text, shuffled once)."""
-    from prolora_cli.data.chat import read_jsonl
+    from prolora_cli.data.sources import read_jsonl
     from prolora_cli.testing.synthetic import train_tokenizer
 
     source = next(p for p in TEXTS if p.is_file())
@@ -133,7 +133,8 @@ def train_student(base, variant: dict, lr: float, seed: int, steps: int, train: 
 
     from prolora_cli.adapter.config import AdapterConfig
     from prolora_cli.adapter.inject import count_trainable, inject
-    from prolora_cli.training.loop import TrainArgs, build_optimizer
+    from prolora_cli.training.args import TrainArgs
+    from prolora_cli.training.optimization import build_optimizer
 
     torch.manual_seed(seed)
     student = copy.deepcopy(base)

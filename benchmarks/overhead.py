@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from prolora_cli.adapter.files import save_adapter
 from prolora_cli.adapter.config import ALL_TARGETS, AdapterConfig
+from prolora_cli.adapter.files import save_adapter
 from prolora_cli.adapter.inject import adapter_layers, inject
 from prolora_cli.models.loading import load_model
 

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from prolora_cli.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -44,8 +46,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def check_output_free(path: str | os.PathLike, overwrite: bool) -> None:
     """Refuse, before any work is done, to replace an existing --output without --overwrite."""
-    from prolora_cli.errors import UserError
-
     if Path(path).exists() and not overwrite:
         raise UserError(f"--output {path} already exists; pass --overwrite to replace it")
 

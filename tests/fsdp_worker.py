@@ -16,8 +16,15 @@ from conftest import tiny_llama  # noqa: E402
 
 from prolora_cli.adapter.config import AdapterConfig  # noqa: E402
 from prolora_cli.adapter.inject import adapter_layers, inject, layers_state  # noqa: E402
-from prolora_cli.training.sharding import (each_whole_layer, full_adapter_state, load_full_adapter_state,  # noqa: E402
-                                  param_shapes, units, whole, wrap_policy)
+from prolora_cli.training.sharding import (  # noqa: E402
+    each_whole_layer,
+    full_adapter_state,
+    load_full_adapter_state,
+    param_shapes,
+    units,
+    whole,
+    wrap_policy,
+)
 
 
 def step(model, ids):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import train_tokenizer
-from prolora_cli.data.chat import IGNORE, encode, read_jsonl, render, resolve_chat_format, tokenize_records
+
+from prolora_cli.data.chat import IGNORE, encode, render, resolve_chat_format, tokenize_records
+from prolora_cli.data.sources import read_jsonl
 from prolora_cli.errors import UserError
 
 CONVO = [

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import assert_one_line_error, run_cli, tiny_llama_config
 
 

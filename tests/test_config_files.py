@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).parent.parent
@@ -70,9 +69,9 @@ def test_missing_config_file(tmp_path):
 
 
 def test_example_configs_are_valid_and_the_paper_pair_has_one_budget():
-    from prolora_cli.models.arch import PRESETS
     from prolora_cli.adapter.config import AdapterConfig
     from prolora_cli.adapter.planner import plan
+    from prolora_cli.models.arch import PRESETS
     from prolora_cli.training.run_config import read_config_file
 
     flags = train_flags()
@@ -86,3 +85,23 @@ def test_example_configs_are_valid_and_the_paper_pair_has_one_budget():
             budgets[path.stem] = plan(PRESETS["llama2-7b"], cfg)["trainable_params"]
     assert budgets["llama2-7b-lora-r2"] == 4_997_120
     assert abs(budgets["llama2-7b-prolora"] - budgets["llama2-7b-lora-r2"]) / budgets["llama2-7b-lora-r2"] < 0.01
+
+
+# A setting away from its default for each method, so that run_config.json must carry it.
+METHOD_FLAGS = {"prolora": ["--unshared", "2", "--rotation", "hidden"], "lora": [], "vera": ["--vera-seed", "3"],
+                "tied-lora": [], "sora": ["--sparse-lambda", "5"], "prilora": ["--prune-every", "1"]}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
+def test_every_methods_run_config_repeats_its_run(method, tiny_model_dir, data, tmp_path):
+    from prolora_cli.methods import names
+
+    assert set(METHOD_FLAGS) == set(names())  # a new method gets a row here
+    first = run_cli("train", "--model", tiny_model_dir, "--data", data, "--quant", "none", "--device", "cpu",
+                    "--method", method, "--rank", "4", "--max-steps", "2", "--batch-size", "2",
+                    "--max-seq-len", "64", "--output", tmp_path / "a", *METHOD_FLAGS[method])
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", "--config", tmp_path / "a" / "run_config.json", "--output", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import assert_one_line_error
+from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "chat"
 
@@ -134,8 +133,8 @@ def test_fsdp_keeps_each_block_with_its_adapters_and_gathers_them_whole(tmp_path
                                           (dict(method="sora"), "rebuilds its layers")])
 def test_fsdp_refuses_what_it_cannot_shard(tiny_model, flags, needle):
     from prolora_cli.adapter.config import AdapterConfig
-    from prolora_cli.errors import UserError
     from prolora_cli.adapter.inject import inject
+    from prolora_cli.errors import UserError
     from prolora_cli.training.sharding import check_shardable
 
     cfg = AdapterConfig.create(8, **flags)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error, run_cli, train_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, run_cli, train_tokenizer
 from prolora_cli.data.chat import IGNORE, encode
 from prolora_cli.evaluation.chat_eval import EvalArgs, evaluate_model, option_losses, token_losses
 from prolora_cli.evaluation.tasks.base import exact_match, normalize_answer, token_f1

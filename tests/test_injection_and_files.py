@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import attach_adapter, tiny_llama
-from prolora_cli.adapter.files import CONFIG_NAME, WEIGHTS_NAME, save_adapter
-from prolora_cli.models.arch import from_config_dict
+
 from prolora_cli.adapter.config import AdapterConfig
-from prolora_cli.errors import UserError
+from prolora_cli.adapter.files import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from prolora_cli.adapter.inject import adapter_layers, adapter_state, count_trainable, inject
 from prolora_cli.adapter.planner import plan
+from prolora_cli.errors import UserError
+from prolora_cli.models.arch import from_config_dict
 
 
 def randomize_adapters(model, seed=1):

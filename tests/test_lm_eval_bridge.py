@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("lm_eval")

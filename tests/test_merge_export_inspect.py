@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_one_line_error, attach_adapter, run_cli
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, attach_adapter, run_cli
-from prolora_cli.adapter.files import WEIGHTS_NAME, save_adapter
 from prolora_cli.adapter.config import NEWEST_FORMAT_VERSION, AdapterConfig
+from prolora_cli.adapter.files import WEIGHTS_NAME, save_adapter
 from prolora_cli.adapter.inject import adapter_layers, inject
 from prolora_cli.merge.stream import merge_adapter
 

@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import attach_adapter, run_cli, tiny_llama, tiny_llama_config
 from transformers import AutoModelForCausalLM
 
-from conftest import attach_adapter, run_cli, tiny_llama, tiny_llama_config
+from prolora_cli.adapter.config import AdapterConfig
 from prolora_cli.adapter.files import save_adapter
+from prolora_cli.adapter.inject import adapter_layers, count_trainable, finalize, inject
+from prolora_cli.adapter.planner import plan
 from prolora_cli.methods.prilora.method import PRILoRALinear, pack_bits, rank_ramp, unpack_bits
 from prolora_cli.methods.sora.method import lambda_at, proximal_step
 from prolora_cli.models.arch import resolve_architecture
-from prolora_cli.adapter.config import AdapterConfig
-from prolora_cli.adapter.inject import adapter_layers, count_trainable, finalize, inject
-from prolora_cli.adapter.planner import plan
 
 METHODS = ("lora", "vera", "tied-lora", "sora", "prilora")
 IDS = torch.tensor([[5, 17, 42, 9, 3, 25, 61, 8, 77, 12, 31]])
@@ -175,7 +175,8 @@ def test_sora_defaults_are_the_authors_no_schedule_run():
 
 
 def test_sora_penalty_and_no_weight_decay_on_the_gate():
-    from prolora_cli.training.loop import TrainArgs, build_optimizer
+    from prolora_cli.training.args import TrainArgs
+    from prolora_cli.training.optimization import build_optimizer
 
     model = tiny_llama()
     cfg = config("sora", r=4, sparse_lambda=2.0)

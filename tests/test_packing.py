@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli, tiny_llama
+
 from prolora_cli.data.chat import IGNORE
 from prolora_cli.data.packing import collate_packed, pack, seen_tokens
 

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_one_line_error, attach_adapter, train_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, attach_adapter, train_tokenizer
-from prolora_cli.models.safetensors_files import INDEX_NAME
 from prolora_cli.adapter.inject import adapter_layers
-from prolora_cli.merge.stream import VerificationFailed, merge_adapter
+from prolora_cli.errors import VerificationFailed
+from prolora_cli.merge.stream import merge_adapter
+from prolora_cli.models.safetensors_files import INDEX_NAME
 from prolora_cli.testing.synthetic import random_adapter, write_random_llama
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -90,17 +91,17 @@ def test_verify_modes_write_the_same_files(sharded_dir, tmp_path):
 
 def test_a_wrong_merged_tensor_fails_the_check_and_writes_nothing(sharded_dir, tmp_path, monkeypatch):
     """The value check recomputes W0 + dW itself: a writer that is off by one ulp somewhere is caught."""
-    import prolora_cli.methods.base as base_module
+    import prolora_cli.merge.stream as writer
 
     adapter = random_adapter(sharded_dir, tmp_path / "ad", rank=8, unshared=1)
-    honest = base_module.merged_weight
+    honest = writer.merged_weight
 
     def off_by_a_bit(weight, delta, sign=1, dtype=None):
         out = honest(weight, delta, sign, dtype)
         out.view(-1)[7] = torch.nextafter(out.view(-1)[7], torch.tensor(float("inf"), dtype=out.dtype))
         return out
 
-    monkeypatch.setattr(base_module, "merged_weight", off_by_a_bit)
+    monkeypatch.setattr(writer, "merged_weight", off_by_a_bit)  # the writer's, not the check's
     with pytest.raises(VerificationFailed, match="differs from the base"):
         merge_adapter(adapter, tmp_path / "m", verify="stream")
     assert not (tmp_path / "m").exists()

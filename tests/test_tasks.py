@@ -10,8 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import assert_one_line_error, run_cli
+
 from prolora_cli.evaluation import tasks
 from prolora_cli.evaluation.task_eval import prompt_text, summarize
 

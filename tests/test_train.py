@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, attach_adapter, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-from conftest import assert_one_line_error, attach_adapter, run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "chat"
 
@@ -252,12 +251,8 @@ def test_report_to_refuses_unknown_or_missing_trackers(tiny_model_dir, data, tmp
     assert not (tmp_path / "r").exists()
 
 
-PACKED_STEPS_DIFFER = pytest.mark.xfail(strict=True, reason="dry run counts unpacked examples (issue 28)")
-
-
-@pytest.mark.parametrize("extra", [[], pytest.param(["--packing"], marks=PACKED_STEPS_DIFFER), ["--grad-accum", "3"],
-                                   pytest.param(["--epochs", "1.5", "--packing", "--grad-accum", "2"],
-                                                marks=PACKED_STEPS_DIFFER)])
+@pytest.mark.parametrize("extra", [[], ["--packing"], ["--grad-accum", "3"],
+                                   ["--epochs", "1.5", "--packing", "--grad-accum", "2"]])
 def test_dry_run_counts_the_steps_the_run_trains(tiny_model_dir, data, tmp_path, extra):
     """One function counts the steps; `--dry-run` and the run it previews both call it."""
     args = ["train", "--model", tiny_model_dir, "--quant", "none", "--device", "cpu", "--data",

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from prolora_cli.adapter.config import AdapterConfig
+from prolora_cli.adapter.inject import adapter_layers, layers_state, saved_config
 from prolora_cli.errors import UserError
 from prolora_cli.fileio import atomic_path, write_text_atomic
 
@@ -15,16 +19,12 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 def save_adapter(folder: str | Path, cfg: AdapterConfig, model) -> Path:
     """Write the adapter of `model` into `folder`."""
-    from prolora_cli.adapter.inject import adapter_layers, layers_state, saved_config
-
     layers = adapter_layers(model)
     return save_adapter_tensors(folder, saved_config(cfg, layers), layers_state(layers))
 
 
 def save_adapter_tensors(folder: str | Path, cfg: AdapterConfig, state: dict) -> Path:
     """Write config and tensors; each file lands whole or not at all."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -51,9 +51,6 @@ def read_config(folder: str | Path) -> AdapterConfig:
 
 def read_tensors(folder: str | Path) -> dict:
     """The adapter's tensors, read with safetensors (never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise UserError(f"{folder} has no {WEIGHTS_NAME}")

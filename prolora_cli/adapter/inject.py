@@ -11,9 +11,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from prolora_cli.methods.base import AdapterLayer
 from prolora_cli.adapter.config import ALL_TARGETS, AdapterConfig
 from prolora_cli.errors import UserError
+from prolora_cli.methods.base import AdapterLayer
 
 
 def build_layers(cfg: AdapterConfig, bases: dict[str, nn.Module]) -> dict[str, AdapterLayer]:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
+from prolora_cli.adapter.files import WEIGHTS_NAME, read_config, read_tensors
+from prolora_cli.adapter.inject import standalone_layers
+from prolora_cli.errors import UserError
+from prolora_cli.fileio import atomic_path
+
 
 def singular_values(layer):
     """Singular values of dW = scaling * B @ A from two thin QRs: O(r^2 (h + o)), never o x h."""
-    import torch
-
     a, b = layer.factors()
     a, b = a.detach().double(), b.detach().double()
     _, r_b = torch.linalg.qr(b)        # B = Q_B R_B
@@ -28,9 +33,6 @@ def effective_rank(sv) -> float:
 
 
 def inspect_adapter(folder: str | Path) -> dict:
-    from prolora_cli.adapter.files import WEIGHTS_NAME, read_config, read_tensors
-    from prolora_cli.adapter.inject import standalone_layers
-
     folder = Path(folder)
     cfg, state = read_config(folder), read_tensors(folder)
     layers = standalone_layers(cfg, state)
@@ -76,16 +78,11 @@ def inspect_adapter(folder: str | Path) -> dict:
 
 def plot_module(folder: str | Path, module: str | None, path: str | Path) -> str:
     """A heatmap of one module's dW beside its singular values; returns the module drawn."""
+    # matplotlib picks its backend when pyplot is first imported: Agg first, so no display is needed.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-
-    from prolora_cli.adapter.files import read_config, read_tensors
-    from prolora_cli.errors import UserError
-    from prolora_cli.fileio import atomic_path
-    from prolora_cli.adapter.inject import standalone_layers
 
     layers = standalone_layers(read_config(folder), read_tensors(folder))
     if module is None:

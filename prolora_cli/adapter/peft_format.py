@@ -6,9 +6,15 @@ import json
 import math
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from prolora_cli.adapter.config import ALL_TARGETS, AdapterConfig
-from prolora_cli.errors import UserError
+from prolora_cli.adapter.files import read_config, read_tensors, save_adapter_tensors
 from prolora_cli.adapter.inject import layers_state, saved_config, standalone_layers
+from prolora_cli.errors import UserError
+from prolora_cli.fileio import atomic_dir, check_output_free
+from prolora_cli.methods import PLAIN_LORA, get
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -17,11 +23,6 @@ PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules
 
 def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = False,
                 overwrite: bool = False) -> dict:
-    from safetensors.torch import save_file
-
-    from prolora_cli.adapter.files import read_config, read_tensors
-    from prolora_cli.fileio import atomic_dir, check_output_free
-
     output = Path(output)
     check_output_free(output, overwrite)
     cfg, state = read_config(adapter), read_tensors(adapter)
@@ -58,13 +59,6 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
 
 def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:
     """A PEFT LoRA adapter as a prolora adapter with u = r (exactly the same dW)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from prolora_cli.adapter.files import save_adapter_tensors
-    from prolora_cli.methods import PLAIN_LORA, get
-    from prolora_cli.fileio import atomic_dir, check_output_free
-
     peft_dir, output = Path(peft_dir), Path(output)
     check_output_free(output, overwrite)
     config_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS

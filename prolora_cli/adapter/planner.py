@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prolora_cli.models.arch import Architecture
 from prolora_cli.adapter.config import AdapterConfig
 from prolora_cli.errors import UserError
+from prolora_cli.methods import get
+from prolora_cli.models.arch import Architecture
 
 
 def plan(arch: Architecture, cfg: AdapterConfig) -> dict:
@@ -58,8 +59,6 @@ def parse_count(text: str) -> int:
 def fit_budget(arch: Architecture, method: str, targets: list[str], budget: int, max_rank: int = 64,
                top: int = 15) -> list[dict]:
     """The method's best setting for each rank within `budget`, highest rank first."""
-    from prolora_cli.methods import get
-
     impl = get(method)
     if impl.fit_budget is None:
         raise UserError(f"--budget has no settings to search for --method {method}")

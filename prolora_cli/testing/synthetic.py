@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from prolora_cli.adapter.config import AdapterConfig
+from prolora_cli.adapter.files import save_adapter_tensors
+from prolora_cli.adapter.inject import inject, layers_state, saved_config
+from prolora_cli.models.loading import empty_model
+from prolora_cli.models.safetensors_files import DTYPES, dtype_name, parse_size, tensor_bytes, write_checkpoint
+
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on the spot (a second), with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,13 +42,6 @@ def write_random_llama(folder: str | Path, num_layers: int, dtype: str = "bf16",
                        max_shard_size: str = "5GB", seed: int = 0, **sizes) -> Path:
     """A LLaMA checkpoint (LLaMA-2-7B's widths unless `sizes` say otherwise) with random weights:
     N(0, 0.02) like LLaMA's init, norms at 1. Returns the folder."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig
-
-    from prolora_cli.models.safetensors_files import dtype_name, parse_size, tensor_bytes, write_checkpoint
-    from prolora_cli.merge.stream import DTYPES
-    from prolora_cli.models.loading import empty_model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -75,13 +75,6 @@ def write_random_llama(folder: str | Path, num_layers: int, dtype: str = "bf16",
 def random_adapter(model_folder: str | Path, output: str | Path, seed: int = 1, scale: float = 0.05, **flags) -> Path:
     """An adapter for a model folder with every tensor random (a fresh one has dW = 0, which tests
     nothing), built on the model's meta-device skeleton: no weight is read."""
-    import torch
-
-    from prolora_cli.adapter.files import save_adapter_tensors
-    from prolora_cli.adapter.config import AdapterConfig
-    from prolora_cli.adapter.inject import inject, layers_state, saved_config
-    from prolora_cli.models.loading import empty_model
-
     cfg = AdapterConfig.create(**{"rank": 8, "dropout": 0.0, **flags}, base_model=str(Path(model_folder).resolve()))
     layers = inject(empty_model(Path(model_folder)), cfg)
     g = torch.Generator().manual_seed(seed)
