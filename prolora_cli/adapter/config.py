@@ -57,6 +57,8 @@ class AdapterConfig:
     scaling_rule: str = "standard"
     targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     base_model: str = ""
+    chat_format: Optional[str] = None    # how training rendered its chats ("tulu" or "template")
+    system_prompt: Optional[str] = None  # the system turn training opened conversations with, if any
     settings: Any = None             # the method's own settings (a methods.settings.Settings)
     modules: Optional[dict] = None   # written when saving: each adapted module's [in, out]
 
@@ -119,6 +121,7 @@ class AdapterConfig:
         if missing:
             raise UserError(f"{source}: missing {', '.join(missing)}")
         types = {"r": int, "alpha": (int, float), "dropout": (int, float), "targets": list, "method": str,
+                 "chat_format": (str, type(None)), "system_prompt": (str, type(None)),
                  "base_model": str, "modules": (dict, type(None)), "scaling_rule": str}
         for k, t in types.items():
             if k in d and (not isinstance(d[k], t) or isinstance(d[k], bool)):

@@ -48,6 +48,9 @@ def train(
                               help="'tulu', 'template' (the tokenizer's) or 'auto'."),
     data_format: str = option(TrainArgs.data_format, "--data-format", panel=DATA, help="Shape of the records: "
                               "auto (detected per record), messages, sharegpt, alpaca or prompt-completion."),
+    system_prompt: Optional[str] = option(None, "--system-prompt", panel=DATA, help="A system turn for every "
+                                          "conversation that has none; the adapter records it, and chat and "
+                                          "generate use it."),
     max_seq_len: int = option(TrainArgs.max_seq_len, "--max-seq-len", panel=DATA,
                               help="Truncate examples to this many tokens."),
     skip_bad_lines: bool = option(False, "--skip-bad-lines", panel=DATA,

@@ -78,6 +78,13 @@ def render_prompt(messages, tokenizer, chat_format: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_ids(messages, tokenizer, chat_format: str) -> list[int]:
+    """The token ids that prompt a model to answer `messages`: the conversation as training renders it,
+    up to where the assistant's reply begins, with special tokens added as training adds them."""
+    text = render_prompt(messages, tokenizer, chat_format)
+    return tokenizer(text, add_special_tokens=chat_format == "tulu")["input_ids"]
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False):
     """Token lists -> (ids, attention mask) tensors, padded on the right (or the left, to generate)."""
     width = max(len(s) for s in seqs)
@@ -102,9 +109,17 @@ def encode(messages, tokenizer, chat_format: str, max_seq_len: int) -> dict:
     return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
 
 
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation opened by `system_prompt`, unless it has a system turn of its own (or none is given)."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int,
-                     source: str = "data", num_proc: int = 1):
+                     source: str = "data", num_proc: int = 1, system_prompt: str | None = None):
     """A datasets.Dataset of input_ids/labels; examples left with no trained token are dropped.
+    `system_prompt` opens every conversation that has no system turn (train --system-prompt).
 
     Returns (dataset, dropped_count).
     """
@@ -113,7 +128,7 @@ def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int,
 
     def one(record):
         try:
-            return encode(record["messages"], tokenizer, chat_format, max_seq_len)
+            return encode(with_system(record["messages"], system_prompt), tokenizer, chat_format, max_seq_len)
         except BadRecord as e:
             raise UserError(f"{source}, {record['at']}: {e}") from None
         except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, ValueError)

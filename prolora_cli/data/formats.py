@@ -45,19 +45,25 @@ def _sharegpt(turns) -> list[dict]:
     return messages
 
 
-def _alpaca(obj) -> list[dict]:
+def _alpaca(obj, prompt_only: bool) -> list[dict]:
     fields = {k: obj.get(k) for k in ("instruction", "input", "output")}
-    if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
+    answered = not (prompt_only and fields["output"] is None)
+    if not isinstance(fields["instruction"], str) or (answered and not isinstance(fields["output"], str)):
         raise BadRecord("\"instruction\" and \"output\" must both be strings")
     if fields["input"] not in (None, "") and not isinstance(fields["input"], str):
         raise BadRecord("\"input\" must be a string")
     prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
     system = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) and obj["system"] else []
-    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+    answer = [{"role": "assistant", "content": fields["output"]}] if answered else []
+    return [*system, {"role": "user", "content": prompt}, *answer]
 
 
-def parse_record(obj, data_format: str = "auto") -> dict:
-    """A JSON value -> {"messages": [...], plus kept extras}, or BadRecord naming the problem."""
+def parse_record(obj, data_format: str = "auto", prompt_only: bool = False) -> dict:
+    """A JSON value -> {"messages": [...], plus kept extras}, or BadRecord naming the problem.
+
+    `prompt_only` (generation) also takes records with no answer (no assistant turn, a prompt without
+    a completion, an instruction without an output) and keeps an "adapter" field (a name, or null for
+    the base model)."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     shape = detect_format(obj) if data_format == "auto" else data_format
@@ -66,7 +72,7 @@ def parse_record(obj, data_format: str = "auto") -> dict:
     if shape == "sharegpt":
         messages = _sharegpt(obj["conversations"])
     elif shape == "alpaca":
-        messages = _alpaca(obj)
+        messages = _alpaca(obj, prompt_only)
     elif "messages" in obj and shape == "messages":
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -82,16 +88,22 @@ def parse_record(obj, data_format: str = "auto") -> dict:
                 raise BadRecord(f"message {i} content must be a string")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     elif shape == "prompt-completion" or "completion" in obj:
-        if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
+        answered = not (prompt_only and obj.get("completion") is None)
+        if not isinstance(obj.get("prompt"), str) or (answered and not isinstance(obj.get("completion"), str)):
             raise BadRecord("\"prompt\" and \"completion\" must both be strings")
-        messages = [{"role": "user", "content": obj["prompt"]},
-                    {"role": "assistant", "content": obj["completion"]}]
+        messages = [{"role": "user", "content": obj["prompt"]}]
+        if answered:
+            messages.append({"role": "assistant", "content": obj["completion"]})
     else:
         raise BadRecord("needs \"messages\", \"conversations\" (ShareGPT), \"instruction\" and \"output\" "
                         "(Alpaca), or \"prompt\" and \"completion\"")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not prompt_only and not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant message")
     record = {"messages": messages, "format": shape or "prompt-completion"}
+    if prompt_only and "adapter" in obj:
+        if obj["adapter"] is not None and not isinstance(obj["adapter"], str):
+            raise BadRecord("\"adapter\" must be an adapter's name, or null for the base model")
+        record["adapter"] = obj["adapter"]
     for key in ("answers", "choices"):  # used by eval
         if key in obj:
             value = obj[key]

@@ -15,30 +15,35 @@ from prolora_cli.errors import UserError
 
 
 def read_data(path: str | Path, skip_bad_lines: bool = False, data_format: str = "auto",
-              split: str = "train") -> tuple:
+              split: str = "train", prompt_only: bool = False) -> tuple:
     """(records, how many bad ones were skipped) of a chat data source (see the module docstring):
     a list for JSONL, a memory-mapped dataset for the rest. Each record says which shape it was read as
-    ("format") and where it was ("line" or "row")."""
+    ("format") and where it was ("line" or "row"). `prompt_only`: records to generate for (see
+    formats.parse_record)."""
     if data_format not in DATA_FORMATS:
         raise UserError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
     if is_hub_id(path):
-        return table_records(str(path), load_hub(str(path), split), data_format, skip_bad_lines)
+        return table_records(str(path), load_hub(str(path), split), data_format, skip_bad_lines, prompt_only)
     path = Path(path)
     if path.suffix == ".jsonl":
-        return collect(path, "line", jsonl_objects(path), data_format, skip_bad_lines)
-    return table_records(str(path), load_table(path), data_format, skip_bad_lines)
+        return collect(path, "line", jsonl_objects(path), data_format, skip_bad_lines, prompt_only)
+    return table_records(str(path), load_table(path), data_format, skip_bad_lines, prompt_only)
 
 
-def table_records(source: str, table, data_format: str, skip_bad: bool):
+def table_records(source: str, table, data_format: str, skip_bad: bool, prompt_only: bool = False):
     """A table's rows as chat records, converted and checked by `datasets.map`: the result is another
-    memory-mapped dataset (messages, format, row), never a Python list. Its temporary files go to a
-    scratch folder, not beside the user's data (datasets' caching is off meanwhile)."""
+    memory-mapped dataset (messages, format, row, and adapter when the table has that column), never a
+    Python list. Its temporary files go to a scratch folder, not beside the user's data (datasets'
+    caching is off meanwhile)."""
+    adapters = prompt_only and "adapter" in table.column_names  # a null cell: the base model
+
     def convert(row, i):
         try:
-            record = parse_record(dict(row), data_format)  # map hands over a lazy mapping
-            return {"messages": record["messages"], "format": record["format"], "row": i, "bad": ""}
+            record = parse_record(dict(row), data_format, prompt_only)  # map hands over a lazy mapping
+            out = {"messages": record["messages"], "format": record["format"], "row": i, "bad": ""}
         except BadRecord as e:
-            return {"messages": [], "format": "", "row": i, "bad": str(e)}
+            out = {"messages": [], "format": "", "row": i, "bad": str(e)}
+        return {**out, "adapter": row["adapter"]} if adapters else out
 
     caching = datasets.is_caching_enabled()
     datasets.disable_caching()
@@ -83,7 +88,8 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dic
     return collect(Path(path), "line", jsonl_objects(Path(path)), "auto", skip_bad_lines)
 
 
-def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool) -> tuple[list[dict], int]:
+def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool,
+            prompt_only: bool = False) -> tuple[list[dict], int]:
     """Parse (position, object) pairs; a bad one stops with one line naming the file and position
     (or is skipped and counted). An object may be the BadRecord its line already raised."""
     records, skipped = [], 0
@@ -91,7 +97,7 @@ def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool) ->
         try:
             if isinstance(obj, BadRecord):
                 raise obj
-            record = parse_record(obj, data_format)
+            record = parse_record(obj, data_format, prompt_only)
         except BadRecord as e:
             if not skip_bad:
                 raise UserError(f"{path}, {unit} {position}: {e} "

@@ -28,6 +28,7 @@ class TrainArgs:
     trust_remote_code: bool = False
     chat_format: str = "auto"
     data_format: str = "auto"
+    system_prompt: Optional[str] = None  # opens every conversation without a system turn; recorded
     data_weights: Optional[str] = None  # "0.7,0.3": one per --data
     data_split: str = "train"           # of a hub dataset
     num_proc: int = 1                   # processes that tokenize

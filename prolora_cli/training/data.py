@@ -38,7 +38,8 @@ def read_eval_records(args: TrainArgs) -> list[dict]:
 
 
 def tokenize_split(path, records, tokenizer, args: TrainArgs, fmt: str, say: Callable[[str], None]):
-    ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path), args.num_proc)
+    ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path), args.num_proc,
+                                   args.system_prompt)
     if dropped:
         say(f"{path}: dropped {dropped} example(s) with no assistant token within {args.max_seq_len} tokens")
     if len(ds) == 0:

@@ -76,8 +76,10 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
     say(f"{launch}: batch {args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
         f"{args.batch_size * n * args.grad_accum} sequences per step")
     model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
-    # The adapter settings of a resumed run are the run's own, not this command line's.
-    cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id)
+    # The adapter settings of a resumed run are the run's own, not this command line's. The adapter
+    # records how it was prompted, so that chat and generate prompt it the same way.
+    cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id, chat_format=fmt,
+                                                   system_prompt=args.system_prompt)
     layers = inject(model, cfg)
     if fsdp_requested():
         check_shardable(cfg, layers)
