@@ -6,6 +6,7 @@ tensors its modules share), `adapter_state`/`load_state` move every saved tensor
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -26,16 +27,22 @@ def build_layers(cfg: AdapterConfig, bases: dict[str, nn.Module]) -> dict[str, A
     return cfg.impl.build_layers(cfg, bases)
 
 
-def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
-    """Wrap every target linear layer, freeze everything else. Returns the new layers by path."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def target_layers(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
+    """The linear layers of `model` that the config's targets name, by module path."""
     targets = set(cfg.targets)
     found = {name: mod for name, mod in model.named_modules()
              if name.rsplit(".", 1)[-1] in targets and isinstance(mod, nn.Linear)}
     missing = targets - {name.rsplit(".", 1)[-1] for name in found}
     if missing:
         raise UserError(f"the model has no {', '.join(sorted(missing))} layers to adapt")
+    return found
+
+
+def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
+    """Wrap every target linear layer, freeze everything else. Returns the new layers by path."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = target_layers(model, cfg)
     layers = build_layers(cfg, found)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -54,6 +61,22 @@ def remove_adapters(model: nn.Module) -> None:
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, AdapterLayer)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Every adapter layer of `model` off while inside: the base model alone answers (chat's /base; the
+    reference model of a preference objective). A merged adapter cannot be taken out this way."""
+    layers = list(adapter_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise UserError("the adapter is merged into the weights; unmerge it before turning it off")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def layers_state(layers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:

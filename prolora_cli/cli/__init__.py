@@ -9,9 +9,11 @@ import typer
 
 from prolora_cli import __version__
 from prolora_cli.cli import render
+from prolora_cli.cli.chat import chat
 from prolora_cli.cli.count_params import count_params
 from prolora_cli.cli.evaluate import evaluate
 from prolora_cli.cli.export import export, import_peft
+from prolora_cli.cli.generate import generate
 from prolora_cli.cli.inspect_adapter import inspect
 from prolora_cli.cli.merge import merge
 from prolora_cli.cli.train import train
@@ -19,7 +21,7 @@ from prolora_cli.errors import UserError, VerificationFailed
 from prolora_cli.models.loading import quiet_imports
 
 app = typer.Typer(
-    help="Fine-tune LLaMA-family models with PRoLoRA, then merge, evaluate and inspect the result.",
+    help="Fine-tune LLaMA-family models with PRoLoRA, then try, evaluate, merge and ship the result.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -31,6 +33,8 @@ app.command()(export)
 app.command("import")(import_peft)
 app.command("eval")(evaluate)
 app.command()(inspect)
+app.command()(chat)
+app.command()(generate)
 
 
 def _version(value: bool) -> None:

@@ -322,3 +322,33 @@ def print_inspection(adapter, info: dict) -> None:
         table.add_row(m["module"], str(m["adapter_rank"]), f"{m['dw_norm']:.4g}", str(m["rank"]),
                       f"{m['effective_rank']:.2f}", *[f"{m[k]:.3g}" if k in m else "-" for k in extra])
     out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat, generate
+
+
+def write_raw(text: str) -> None:
+    """Text exactly as given (a model's reply as it streams): no markup, no wrapping."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def print_chat_banner(info: dict) -> None:
+    what = f"adapter {info['adapter']} on {info['model']}" if info["adapter"] else info["model"]
+    out.print(f"[bold]chatting with {what}[/]: chat format {info['chat_format']} (from {info['prompting_from']}), "
+              f"system prompt {info['system_prompt']!r}", highlight=False)
+    out.print("commands: /reset, /base (the base model alone; again for the adapter), /system TEXT, /exit",
+              style="dim", highlight=False)
+
+
+def chat_note(text: str, interactive: bool) -> None:
+    """What a /command did: on the terminal, or on stderr off it (stdout holds only replies then)."""
+    (out if interactive else err).print(f"[dim]{text}[/]" if interactive else text, highlight=False)
+
+
+def print_generated(summary: dict) -> None:
+    adapters = ", ".join(summary["adapters"]) or "none"
+    out.print(f"wrote {summary['rows']:,} rows to {summary['output']} ({summary['generated']:,} generated now; "
+              f"adapters: {adapters}; base {summary['model']}): {summary['completion_tokens']:,} completion tokens, "
+              f"{summary['stopped_at_length']:,} cut at --max-new-tokens", highlight=False)

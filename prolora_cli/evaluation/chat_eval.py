@@ -29,8 +29,8 @@ from prolora_cli.data.chat import IGNORE, PLAIN, encode, pad_batch, render_promp
 from prolora_cli.data.formats import BadRecord
 from prolora_cli.data.sources import read_jsonl
 from prolora_cli.errors import UserError
-from prolora_cli.evaluation.generation import generate
 from prolora_cli.evaluation.tasks.base import exact_match, token_f1
+from prolora_cli.inference.generation import generate
 from prolora_cli.models.loading import load_model
 
 METRICS = ("loss", "exact-match", "choice")

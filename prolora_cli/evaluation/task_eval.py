@@ -13,9 +13,9 @@ from prolora_cli.data.chat import IGNORE, PLAIN, render_prompt
 from prolora_cli.errors import UserError
 from prolora_cli.evaluation import tasks
 from prolora_cli.evaluation.chat_eval import compare_models, option_losses, select
-from prolora_cli.evaluation.generation import generate
 from prolora_cli.evaluation.sandbox import interpreter
 from prolora_cli.evaluation.tasks.base import Item, Settings, Task
+from prolora_cli.inference.generation import generate
 
 
 def prompt_text(item: Item, tokenizer, fmt: str) -> str:

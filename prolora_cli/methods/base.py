@@ -53,6 +53,7 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # the base alone answers (adapter.inject.adapters_disabled)
 
     @property
     def param_device(self):
@@ -98,7 +99,7 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         a, b = self.factors()
         update = self.dropout(x.to(a.dtype)) @ a.T @ b.T

@@ -12,6 +12,7 @@ them to length. u = r is exactly LoRA.
 from __future__ import annotations
 
 import bisect
+import functools
 
 import torch
 from torch import nn
@@ -86,6 +87,16 @@ def expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str = "
     return a_idx, b_idx
 
 
+@functools.lru_cache(maxsize=None)
+def shared_expansion_index(r_s: int, h: int, o: int, m: int, n: int, broadcast: str, rotation: str,
+                           device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """expansion_index on `device`, one copy per setting and device: every layer of that shape, in every
+    adapter, reads the same tensors (int64 indices are twice the size of the expanded fp32 A and B, so a
+    copy per layer would cost more memory than the adapter itself)."""
+    a_idx, b_idx = expansion_index(r_s, h, o, m, n, broadcast, rotation)
+    return a_idx.to(device), b_idx.to(device)
+
+
 class PRoLoRALinear(AdapterLayer):
     """A frozen nn.Linear (or bitsandbytes Linear4bit) plus a PRoLoRA update.
 
@@ -111,10 +122,10 @@ class PRoLoRALinear(AdapterLayer):
         device = self.param_device
         for name, shape in param_shapes(h, o, r, u, m, n, broadcast).items():
             setattr(self, name, nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)))
-        a_idx, b_idx = expansion_index(r - u, h, o, m, n, broadcast, rotation)
+        a_idx, b_idx = shared_expansion_index(r - u, h, o, m, n, broadcast, rotation, device)
         # Not persistent: the index is a pure function of the config, so it is never saved.
-        self.register_buffer("a_index", a_idx.to(device), persistent=False)
-        self.register_buffer("b_index", b_idx.to(device), persistent=False)
+        self.register_buffer("a_index", a_idx, persistent=False)
+        self.register_buffer("b_index", b_idx, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
