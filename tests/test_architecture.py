@@ -15,9 +15,11 @@ import prolora_cli
 
 PACKAGE = Path(prolora_cli.__file__).parent
 SNAPSHOT = Path(__file__).parent / "snapshots" / "cli_flags.json"
-# Flags added on purpose since the snapshot was taken (issue 28: VeRA's d init had no flag, so no
-# VeRA run_config.json could repeat its run).
-ADDED = {"train": {"--vera-d-init"}}
+# Flags and commands added on purpose since the snapshot was taken: VeRA's d init had no flag, so no VeRA
+# run_config.json could repeat its run (issue 28); the adapter records its system prompt, and chat and
+# generate try what was trained (issue 29).
+ADDED = {"train": {"--vera-d-init", "--system-prompt"}}
+NEW_COMMANDS = {"chat", "generate"}
 
 
 def cli_flags() -> dict:
@@ -37,7 +39,9 @@ def test_every_subcommand_keeps_its_flags():
     expected = json.loads(SNAPSHOT.read_text())
     for name, added in ADDED.items():
         expected[name]["flags"] = sorted({*expected[name]["flags"], *added})
-    assert cli_flags() == expected
+    found = cli_flags()
+    assert set(found) == set(expected) | NEW_COMMANDS
+    assert {name: found[name] for name in expected} == expected
 
 
 def modules() -> dict[str, Path]:

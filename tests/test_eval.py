@@ -80,7 +80,7 @@ def test_option_scoring_with_a_shared_prompt_equals_scoring_each_option_alone(ti
 def test_exact_match_scores_the_models_own_greedy_answer(tiny_model_dir):
     """References set to what the model greedily says (case and spacing changed) score 100%."""
     from prolora_cli.data.chat import render_prompt
-    from prolora_cli.evaluation.generation import generate
+    from prolora_cli.inference.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = train_tokenizer()
@@ -193,7 +193,7 @@ def test_our_calls_into_transformers_raise_no_deprecation_warnings(tiny_model_di
     scoring options with a shared KV cache, nor from batched, sampled generation with stop strings."""
     import warnings
 
-    from prolora_cli.evaluation.generation import generate
+    from prolora_cli.inference.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = train_tokenizer()
