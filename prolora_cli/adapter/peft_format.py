@@ -15,6 +15,7 @@ from prolora_cli.adapter.inject import layers_state, saved_config, standalone_la
 from prolora_cli.errors import UserError
 from prolora_cli.fileio import atomic_dir, check_output_free
 from prolora_cli.methods import PLAIN_LORA, get
+from prolora_cli.models.loading import loadable_source
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -45,7 +46,7 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
         "target_modules": [t for t in ALL_TARGETS if any(p.endswith("." + t) for p in ranks)],
         "bias": "none", "fan_in_fan_out": False,
         "use_rslora": rslora, "modules_to_save": None, "init_lora_weights": True,
-        "base_model_name_or_path": cfg.base_model, "inference_mode": True,
+        "base_model_name_or_path": loadable_base(cfg.base_model), "inference_mode": True,
         # Per-module exceptions, by full module path (PEFT matches a pattern at a name's end).
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
         "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
@@ -54,7 +55,20 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     return {"output": str(output), "modules": len(tensors) // 2, "r": r, "lora_alpha": alpha,
+            "base_model_name_or_path": peft_config["base_model_name_or_path"],
             "per_module_ranks": len(peft_config["rank_pattern"]) > 0}
+
+
+def loadable_base(base_model: str) -> str:
+    """A name PEFT and vLLM can load the base from: a preset's hub id, a folder's path, and for a GGUF base
+    (the embedded default) the transformers folder it was converted to, which holds the weights the
+    adapter was trained on (the hub's original weights are not exactly those: the GGUF is quantized)."""
+    if not base_model:
+        return base_model
+    try:
+        return loadable_source(base_model)[0]
+    except UserError:  # the base has moved since training: say what the adapter recorded
+        return base_model
 
 
 def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:

@@ -34,24 +34,31 @@ VERIFY = ("stream", "full", "none")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 
 
+def merged_value(weights: BaseWeights, adapted: dict, key: str, dtype):
+    """One tensor of the merged model as a torch tensor: W0 + dW, added in fp32 and rounded once to `dtype`,
+    for an adapted weight; the base's own (as the adapter saw it) in `dtype` for the rest."""
+    if key in adapted:
+        return merged_weight(weights.read(key), adapted[key].delta_weight(), dtype=dtype)
+    return weights.read(key).to(dtype)
+
+
 def merged_tensors(weights: BaseWeights, layers: dict, layout: dict):
     """(key, chunks of bytes) for every tensor of the merged model, in layout order."""
     adapted = {f"{path}.weight": layer for path, layer in layers.items()}
     for key, (dtype, _) in layout.items():
-        entry = weights.ckpt.entries[key]
-        if key in adapted:
-            w = weights.read(key)
-            yield key, [tensor_bytes(merged_weight(w, adapted[key].delta_weight(), dtype=weights.out))]
-        elif key in weights.quantized or dtype != entry.dtype:
-            yield key, [tensor_bytes(weights.read(key).to(weights.out))]  # only floats change dtype
+        entry = weights.ckpt.entries[weights.key(key)]
+        if key in adapted or key in weights.quantized or dtype != entry.dtype:  # only floats change dtype
+            yield key, [tensor_bytes(merged_value(weights, adapted, key, weights.out))]
         else:
-            yield key, weights.ckpt.chunks(key)  # unchanged: copied byte for byte
+            yield key, weights.ckpt.chunks(weights.key(key))  # unchanged: copied byte for byte
 
 
-def write_config(base: Path, output: Path, dtype: str) -> None:
-    """config.json with the merged dtype, and every non-weight file of the base (tokenizer, generation)."""
+def write_config(base: Path, output: Path, dtype: str, architecture: str) -> None:
+    """config.json with the merged dtype and the model class named (engines other than transformers
+    need `architectures`), and every non-weight file of the base (tokenizer, generation)."""
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = DTYPES[dtype]
+    config["architectures"] = config.get("architectures") or [architecture]
     if "torch_dtype" in config:  # the name before transformers 5; keep the two in agreement
         config["torch_dtype"] = DTYPES[dtype]
     write_text_atomic(output / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -92,7 +99,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     layout = weights.layout()
     with atomic_dir(output, overwrite=overwrite) as tmp:
         index = write_checkpoint(tmp, layout, merged_tensors(weights, layers, layout), shard_bytes)
-        write_config(folder, tmp, dtype)
+        write_config(folder, tmp, dtype, type(weights.skeleton).__name__)
         checks = check_merged(tmp, weights, layers, layout, cfg, state, verify, tolerance, dtype, say)
     return {"output": str(output), "dtype": dtype, "base": base, "base_model": source, "base_folder": str(folder),
             "base_dtype": ckpt_dtype, "dtype_from": dtype_from, "modules_merged": len(layers), "tensors": len(layout),

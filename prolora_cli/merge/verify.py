@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prolora_cli.adapter.inject import attach
 from prolora_cli.errors import VerificationFailed
-from prolora_cli.merge.weights import nf4_round_trip
+from prolora_cli.merge.weights import nf4_round_trip, stored_key
 from prolora_cli.models.loading import empty_model
 from prolora_cli.models.safetensors_files import DTYPES, INDEX_NAME, ITEM_SIZE, SINGLE_NAME, Checkpoint
 
@@ -158,9 +158,10 @@ def give_weights_while_running(module: nn.Module, prefix: str, metas: dict, read
 def functional_models(folder: Path, weights, cfg, state, verify: str):
     """(base + adapter unmerged, merged, their weight readers) as `verify` asks: streamed or loaded."""
     if verify == "stream":
-        merged_ckpt = Checkpoint(folder)
+        merged_ckpt, merged = Checkpoint(folder), empty_model(folder)
         reference = weights.skeleton  # the adapter's layers are already on it
-        return (reference, weights.read), (empty_model(folder), lambda n: merged_ckpt.read(weights.key(n)))
+        return (reference, weights.read), (merged, lambda n: merged_ckpt.read(stored_key(merged, merged_ckpt.entries,
+                                                                                         n, folder)))
     base_dtype = getattr(torch, DTYPES[weights.ckpt.dtype() or "fp32"])
     reference = AutoModelForCausalLM.from_pretrained(weights.ckpt.folder, dtype=base_dtype)
     with torch.no_grad():
@@ -173,21 +174,28 @@ def functional_models(folder: Path, weights, cfg, state, verify: str):
     return (reference, None), (merged, None)
 
 
-def check_function(folder: Path, weights, cfg, state, verify: str, tolerance: float) -> dict:
-    (reference, read_ref), (merged, read_merged) = functional_models(folder, weights, cfg, state, verify)
-    probes = probe_inputs(folder, merged.config.vocab_size)
+def compare_runs(reference: nn.Module, read_ref, candidate: nn.Module, read_candidate, probes: dict) -> dict:
+    """The same probes through both models: the largest logit difference (absolute, and relative to the
+    largest logit), the worst block, and how often the top token agrees."""
     want, want_blocks = run_probes(reference, probes, read_ref)
-    got, got_blocks = run_probes(merged, probes, read_merged)
+    got, got_blocks = run_probes(candidate, probes, read_candidate)
     block_diffs = [((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
                    for w, g in zip(want_blocks, got_blocks)]
     diff = (got - want).abs().max().item()
-    relative = diff / max(want.abs().max().item(), 1e-12)
-    if not relative <= tolerance:  # also catches NaN
-        raise fail(f"differs from base + adapter by {diff:.3g} in logits, {relative:.3g} of the largest logit "
-                   f"(tolerance {tolerance:g})")
+    kept = probes["attention_mask"].bool()
     worst = max(range(len(block_diffs)), key=block_diffs.__getitem__) if block_diffs else None
-    return {"max_abs_logit_diff": diff, "relative_diff": relative, "tolerance": tolerance,
+    return {"max_abs_logit_diff": diff, "relative_diff": diff / max(want.abs().max().item(), 1e-12),
+            "top1_agreement": (got.argmax(-1) == want.argmax(-1))[kept].float().mean().item(),
             "max_block_relative_diff": block_diffs[worst] if block_diffs else None, "worst_block": worst}
+
+
+def check_function(folder: Path, weights, cfg, state, verify: str, tolerance: float) -> dict:
+    (reference, read_ref), (merged, read_merged) = functional_models(folder, weights, cfg, state, verify)
+    stats = compare_runs(reference, read_ref, merged, read_merged, probe_inputs(folder, merged.config.vocab_size))
+    if not stats["relative_diff"] <= tolerance:  # also catches NaN
+        raise fail(f"differs from base + adapter by {stats['max_abs_logit_diff']:.3g} in logits, "
+                   f"{stats['relative_diff']:.3g} of the largest logit (tolerance {tolerance:g})")
+    return {**stats, "tolerance": tolerance}
 
 
 def check_merged(folder: Path, weights, layers: dict, layout: dict, cfg, state, verify: str,

@@ -25,6 +25,26 @@ def nf4_round_trip(weight):
     return bnbf.dequantize_4bit(q, state).to(weight.dtype)
 
 
+def tied_heads(model) -> dict[str, str]:
+    """{output head's weight name: input embedding's weight name} when the model ties them."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not getattr(model.config, "tie_word_embeddings", False) or not isinstance(tied, dict):
+        return {}
+    return dict(tied)
+
+
+def stored_key(model, entries, name: str, where) -> str:
+    """The key under which a checkpoint holds parameter `name` of `model`; a tied pair is stored once,
+    under either name."""
+    if name in entries:
+        return name
+    for head, embedding in tied_heads(model).items():
+        other = {head: embedding, embedding: head}.get(name)
+        if other in entries:
+            return other
+    raise UserError(f"{where}: the checkpoint has no tensor {name}, which its config.json needs")
+
+
 class BaseWeights:
     """The base checkpoint as the adapter sees it: what each tensor of the merged model must hold."""
 
@@ -39,16 +59,9 @@ class BaseWeights:
             self.key(name)  # a checkpoint missing a weight fails here, before anything is written
 
     def key(self, name: str) -> str:
-        """The checkpoint key holding parameter `name` (a tied head may be stored as the embedding)."""
-        if name in self.ckpt.entries:
-            return name
-        tied = getattr(self.skeleton, "_tied_weights_keys", None)
-        if getattr(self.skeleton.config, "tie_word_embeddings", False) and isinstance(tied, dict):
-            for head, embedding in tied.items():  # either may be the one stored (the GGUF cache keeps the head)
-                other = {head: embedding, embedding: head}.get(name)
-                if other in self.ckpt.entries:
-                    return other
-        raise UserError(f"{self.ckpt.folder}: the checkpoint has no tensor {name}, which its config.json needs")
+        """The checkpoint key holding parameter `name` (a tied head may be stored as the embedding, or,
+        in folders written before the Hub's convention was kept, the embedding as the head)."""
+        return stored_key(self.skeleton, self.ckpt.entries, name, self.ckpt.folder)
 
     def read(self, name: str):
         """A base tensor as the adapter was trained against (NF4 round trip for --base nf4)."""
@@ -56,10 +69,13 @@ class BaseWeights:
         return nf4_round_trip(w) if name in self.quantized else w
 
     def layout(self) -> dict:
-        """{key: (dtype, shape)} of the merged model: the base's tensors in the base's order."""
+        """{key: (dtype, shape)} of the merged model: the base's tensors in the base's order, a tied
+        weight stored once under the input embedding's name (the Hub's convention, which vLLM and
+        llama.cpp's converter need)."""
         out = dtype_name(self.out)
         entries = sorted(self.ckpt.entries.items(), key=lambda kv: (str(kv[1].file), kv[1].start))
-        return {k: (out if e.dtype in FLOATS else e.dtype, e.shape) for k, e in entries}
+        heads = tied_heads(self.skeleton)
+        return {heads.get(k, k): (out if e.dtype in FLOATS else e.dtype, e.shape) for k, e in entries}
 
 
 def base_folder(source: str) -> tuple[Path, str]:

@@ -58,10 +58,19 @@ def resolve_source(model: str | None) -> tuple[str, str]:
     return model, model
 
 
+CONVERSION = 2  # 2: folders in the Hub's convention (1 stored a tied embedding as the head only)
+
+
 def gguf_as_folder(gguf: Path) -> Path:
-    """Convert a GGUF file to a transformers folder once and cache it (the conversion takes ~15 s)."""
+    """Convert a GGUF file to a transformers folder once and cache it (the conversion takes ~15 s).
+
+    The folder keeps the Hub's convention, so that engines other than transformers read it (vLLM, and
+    llama.cpp's own converter): `architectures` in config.json, and a tied embedding stored once under
+    the input embedding's name. It holds the weights a model trained on the GGUF saw (dequantized), so
+    it is the base to name when serving an adapter trained on the GGUF.
+    """
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION}".encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
@@ -76,16 +85,21 @@ def gguf_as_folder(gguf: Path) -> Path:
         raise UserError(f"{gguf}: cannot load GGUF ({type(e).__name__}: {e})") from None
     # The weights are plain tensors now, but the model still counts as GGUF-quantized and refuses
     # save_pretrained: write config and weights directly, without the GGUF marker.
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        for head in (getattr(model, "_tied_weights_keys", None) or {}):
+            state.pop(head, None)  # stored once, as the embedding
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     try:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)
     except OSError:
@@ -117,6 +131,7 @@ def quiet_imports() -> None:
     """Before anything imports bitsandbytes (accelerate and transformers may): it logs about optional
     CPU kernels at import time. Cheap: it imports nothing."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its tokenizer reader's advice, when exporting
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
