@@ -352,3 +352,21 @@ def print_generated(summary: dict) -> None:
     out.print(f"wrote {summary['rows']:,} rows to {summary['output']} ({summary['generated']:,} generated now; "
               f"adapters: {adapters}; base {summary['model']}): {summary['completion_tokens']:,} completion tokens, "
               f"{summary['stopped_at_length']:,} cut at --max-new-tokens", highlight=False)
+
+
+def print_export(format: str, r: dict) -> None:
+    if format == "peft":
+        out.print(f"wrote a PEFT LoRA adapter (r={r['r']}, lora_alpha={r['lora_alpha']:g}, {r['modules']} modules) "
+                  f"to {r['output']}; its base: {r['base_model_name_or_path']}", highlight=False)
+        return
+    if format == "gguf-lora":
+        out.print(f"wrote a llama.cpp LoRA adapter ({r['pairs']} A/B pairs, {r['quant']}, alpha {r['alpha']:g}) "
+                  f"to {r['output']}: use it with `llama-cli -m BASE.gguf --lora {r['output']}`", highlight=False)
+        return
+    out.print(f"wrote {r['output']}: {r['tensors']} tensors, {r['quant']}, {human_bytes(r['bytes'])}, "
+              f"{r['modules_merged']} modules merged ({r['base']} base), chat format {r['chat_format']}", highlight=False)
+    limit = f" (tolerance {r['tolerance']:g})" if r.get("tolerance") else ""
+    out.print(f"checked: read back whole; logits differ from base + adapter by {r['relative_diff']:.2g} of the largest"
+              f"{limit}, top token agrees at {100 * r['top1_agreement']:.1f}% of probe positions", highlight=False)
+    if r.get("modelfile"):
+        out.print(f"Ollama: ollama create NAME -f {r['modelfile']}", highlight=False)
