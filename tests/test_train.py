@@ -130,7 +130,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, data, tmp_p
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr and "--resume" in stderr and "interrupted (SIGINT)" in stderr
     checkpoints = list((out / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
 
@@ -172,7 +172,7 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, data, tmp_path, change,
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, data, tmp_path):
     result = run_cli(*train_args(tiny_model_dir, data, tmp_path / "none", "--resume"))
-    assert_one_line_error(result, "no complete checkpoint")
+    assert_one_line_error(result, "no intact checkpoint")
 
 
 @pytest.mark.smollm

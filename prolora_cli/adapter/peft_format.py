@@ -13,7 +13,7 @@ from prolora_cli.adapter.config import ALL_TARGETS, AdapterConfig
 from prolora_cli.adapter.files import read_config, read_tensors, save_adapter_tensors
 from prolora_cli.adapter.inject import layers_state, saved_config, standalone_layers
 from prolora_cli.errors import UserError
-from prolora_cli.fileio import atomic_dir, check_output_free
+from prolora_cli.fileio import atomic_dir, check_output_free, exclusive
 from prolora_cli.methods import PLAIN_LORA, get
 from prolora_cli.models.loading import loadable_source
 
@@ -51,7 +51,7 @@ def export_peft(adapter: str | Path, output: str | Path, scale_into_b: bool = Fa
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
         "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
     }
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with exclusive(output), atomic_dir(output, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     return {"output": str(output), "modules": len(tensors) // 2, "r": r, "lora_alpha": alpha,
@@ -109,6 +109,6 @@ def import_peft(peft_dir: str | Path, output: str | Path, overwrite: bool = Fals
                                targets=sorted({p.rsplit(".", 1)[-1] for p in factors}, key=ALL_TARGETS.index),
                                base_model=pc.get("base_model_name_or_path") or "")
     layers = get(PLAIN_LORA).from_factors(cfg, {p: (f["lora_A"], f["lora_B"]) for p, f in factors.items()})
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with exclusive(output), atomic_dir(output, overwrite=overwrite) as tmp:
         save_adapter_tensors(tmp, saved_config(cfg, layers), layers_state(layers))
     return {"output": str(output), "modules": len(layers), "r": r, "alpha": alpha}

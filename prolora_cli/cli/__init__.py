@@ -17,7 +17,7 @@ from prolora_cli.cli.generate import generate
 from prolora_cli.cli.inspect_adapter import inspect
 from prolora_cli.cli.merge import merge
 from prolora_cli.cli.train import train
-from prolora_cli.errors import UserError, VerificationFailed
+from prolora_cli.errors import MachineFault, UserError, VerificationFailed, os_fault
 from prolora_cli.models.loading import quiet_imports
 
 app = typer.Typer(
@@ -50,8 +50,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: a user error becomes one line on stderr and exit code 2; a merged model that fails
-    its check, one line and exit code 1."""
+    """Entry point: a user error becomes one line on stderr and exit code 2; a machine fault (a full
+    disk, an unwritable file) or a written model that fails its check, one line and exit code 1; an
+    interruption, exit code 130. Never a traceback (docs/reliability.md)."""
     quiet_imports()
     try:
         code = app(args=argv, prog_name="prolora", standalone_mode=False)
@@ -59,9 +60,16 @@ def main(argv: list[str] | None = None) -> None:
         if render.rank_zero():  # under torchrun every process hits the same bad input
             render.error(str(e))
         sys.exit(2)
-    except VerificationFailed as e:
-        render.error(str(e))
+    except (MachineFault, VerificationFailed) as e:
+        if render.rank_zero():
+            render.error(str(e))
         sys.exit(1)
+    except OSError as e:  # one no command turned into a MachineFault itself
+        render.error(str(os_fault(e, "I/O error on")))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        render.err.print("interrupted; no partial output was left")
+        sys.exit(130)
     except typer.Abort:
         render.err.print("aborted")
         sys.exit(130)

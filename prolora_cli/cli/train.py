@@ -96,7 +96,9 @@ def train(
     log_every: int = option(TrainArgs.log_every, "--log-every", panel=RUN, help="Log every N steps."),
     report_to: str = option(TrainArgs.report_to, "--report-to", panel=RUN, help="Also log to: none, tensorboard, "
                             "wandb, mlflow (comma-separated; each needs its package). TensorBoard writes to OUTPUT/logs."),
-    resume: bool = option(False, "--resume", panel=RUN, help="Continue from the newest checkpoint in --output."),
+    resume: bool = option(False, "--resume", panel=RUN, help="Continue from the newest intact checkpoint in --output."),
+    resume_from: Optional[Path] = option(None, "--resume-from", panel=RUN, help="Continue from this checkpoint "
+                                         "folder (OUTPUT/checkpoints/step-N)."),
     overwrite: bool = option(False, "--overwrite", panel=RUN, help="Replace an existing run in --output."),
     dry_run: bool = option(False, "--dry-run", panel=RUN, help="Read, render and count everything up to the first "
                            "step, without the model's weights; print it and write nothing."),
@@ -122,8 +124,8 @@ def train(
     except Interrupted as e:
         reporter.stop()
         if render.rank_zero():
-            render.err.print(f"interrupted: checkpoint saved in {e.checkpoint}; continue with the same command "
-                             f"and --resume", highlight=False)
-        raise typer.Exit(130)
+            render.err.print(f"interrupted ({e.signal_name}): checkpoint saved in {e.checkpoint}; continue with the "
+                             f"same command and --resume", highlight=False)
+        raise typer.Exit(e.exit_code)
     finally:
         reporter.stop()

@@ -92,6 +92,18 @@ def decode(raw: bytes, qtype: Q, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
+def write_tensor(writer: gguf.GGUFWriter, data: np.ndarray) -> None:
+    """gguf's write_tensor_data, with Python's own file write: numpy's tofile reports a short write (a full
+    disk, a file size limit) without saying why, a file object raises the OS error itself."""
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    assert writer.tensors[0].pop(name).nbytes == data.nbytes
+    writer.write_padding(fout, fout.tell())
+    fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+    writer.write_padding(fout, data.nbytes)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
 def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     """The llama.* keys llama.cpp reads to build the model, from a transformers LlamaConfig."""
     heads = config.num_attention_heads

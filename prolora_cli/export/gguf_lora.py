@@ -19,8 +19,16 @@ import numpy as np
 from prolora_cli.adapter.files import read_config, read_tensors
 from prolora_cli.adapter.inject import standalone_layers
 from prolora_cli.errors import UserError, VerificationFailed
-from prolora_cli.export.gguf_format import LLAMA_CPP_LORA, QUANTS, encode, gguf_name, nbytes, to_interleaved
-from prolora_cli.fileio import atomic_path, check_output_free
+from prolora_cli.export.gguf_format import (
+    LLAMA_CPP_LORA,
+    QUANTS,
+    encode,
+    gguf_name,
+    nbytes,
+    to_interleaved,
+    write_tensor,
+)
+from prolora_cli.fileio import atomic_path, check_output_free, exclusive
 from prolora_cli.models.arch import resolve_architecture
 from prolora_cli.models.loading import quiet_libraries
 
@@ -56,7 +64,7 @@ def export_gguf_lora(adapter: str | Path, output: str | Path, quant: str = "f16"
     check_output_free(output, overwrite)
     pairs, alpha, arch = adapter_pairs(adapter)
     qtype = QUANTS[quant]
-    with atomic_path(output) as tmp:
+    with exclusive(output), atomic_path(output) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         try:
             writer.add_type(gguf.GGUFType.ADAPTER)
@@ -68,7 +76,7 @@ def export_gguf_lora(adapter: str | Path, output: str | Path, quant: str = "f16"
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in pairs.values():
-                writer.write_tensor_data(encode(t, qtype))
+                write_tensor(writer, encode(t, qtype))
         finally:
             writer.close()
         check_pairs(tmp, pairs)

@@ -33,10 +33,11 @@ from prolora_cli.export.gguf_format import (
     nbytes,
     tensor_type,
     to_interleaved,
+    write_tensor,
 )
 from prolora_cli.export.gguf_tokenizer import chat_facts, write_tokenizer
 from prolora_cli.export.ollama import modelfile_text, write_modelfile
-from prolora_cli.fileio import atomic_path, check_output_free
+from prolora_cli.fileio import atomic_path, check_free_space, check_output_free, exclusive
 from prolora_cli.merge.stream import merged_value
 from prolora_cli.merge.weights import BASES, BaseWeights, base_folder
 from prolora_cli.models.loading import quiet_libraries, resolve_source
@@ -72,7 +73,7 @@ def write(path: Path, planned: list[Planned], metadata: Callable[[gguf.GGUFWrite
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in planned:
-            writer.write_tensor_data(tensor_of(p))
+            write_tensor(writer, tensor_of(p))
     finally:
         writer.close()
 
@@ -116,8 +117,9 @@ def export_gguf(adapter: str | Path, output: str | Path, quant: str = "f16", bas
         heads = heads_of(p.name, config)
         return encode(to_interleaved(value, heads) if heads else value, p.qtype)
 
+    check_free_space(output, sum(nbytes(p.shape, p.qtype) for p in planned), "the GGUF")
     say(f"writing {len(planned)} tensors of {source} with {len(layers)} modules merged ({quant}, {base} base)")
-    with atomic_path(output) as tmp:
+    with exclusive(output, say), atomic_path(output) as tmp:
         write(tmp, planned, metadata, tensor_of)
         say("checking the file: read back, then probes against base + adapter, block by block")
         checks = check_gguf(tmp, planned, weights, folder, quant, tolerance)

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 from prolora_cli.adapter.prompting import AUTO, Prompting, adapter_prompting, overridden, shared_prompting
 from prolora_cli.data.chat import prompt_ids, resolve_chat_format, with_system
-from prolora_cli.errors import UserError
-from prolora_cli.fileio import atomic_path
+from prolora_cli.errors import MachineFault, UserError, os_fault
+from prolora_cli.fileio import atomic_path, exclusive
 from prolora_cli.inference.generation import Completion, generate_batches
 from prolora_cli.inference.mixed import ResidentAdapter, attach_adapters, use_rows
 from prolora_cli.inference.requests import Request, parse_adapter_specs, read_adapters, read_requests
@@ -70,7 +70,7 @@ def partial_path(output: Path) -> Path:
 def check_output(args: GenerateArgs) -> None:
     """Refuse, before any work, to overwrite an output or drop a partial one without being asked."""
     partial = partial_path(args.output)
-    if args.output.exists() and not args.overwrite:
+    if args.output.exists() and not (args.overwrite or (args.resume and partial.exists())):
         raise UserError(f"--output {args.output} already exists; pass --overwrite to replace it")
     if partial.exists() and not (args.resume or args.overwrite):
         raise UserError(f"{partial} holds rows of an interrupted run; pass --resume to finish it or --overwrite "
@@ -146,9 +146,16 @@ def render(requests: list[Request], adapters: list[ResidentAdapter], tokenizer, 
 
 def run_generate(args: GenerateArgs, progress: Callable[[str, int], Callable[[int], None]],
                  say: Callable[[str], None]) -> dict:
-    """Generate every row not yet done; write the output when all are. Returns a summary."""
+    """Generate every row not yet done; write the output when all are, holding the output's lock.
+    Returns a summary."""
     quiet_libraries()
     args.check()
+    with exclusive(args.output, say):
+        return generate_rows(args, progress, say)
+
+
+def generate_rows(args: GenerateArgs, progress, say) -> dict:
+    """The job itself (see the module docstring), under the output's lock."""
     check_output(args)
     adapters = read_adapters(parse_adapter_specs(args.adapter))
     requests, skipped = read_requests(args.data, [a.name for a in adapters], args.default_adapter,
@@ -165,17 +172,21 @@ def run_generate(args: GenerateArgs, progress: Callable[[str, int], Callable[[in
     with atomic_path(partial) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in [{"job": job}, *done.values()]), encoding="utf-8")
     advance = progress("generate", len(todo))
-    with partial.open("a", encoding="utf-8") as out:
-        batches = generate_batches(model, tokenizer, [encoded[r.index] for r in todo], args.max_new_tokens,
-                                   args.batch_size, args.temperature, args.top_p, seed=args.seed,
-                                   prepare=lambda chunk: use_rows(model, [todo[i].adapter for i in chunk]))
-        for chunk, completions in batches:
-            for i, (completion,) in zip(chunk, completions):
-                done[todo[i].index] = output_row(todo[i], completion)
-                out.write(json.dumps(done[todo[i].index]) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            advance(len(chunk))
+    batches = generate_batches(model, tokenizer, [encoded[r.index] for r in todo], args.max_new_tokens,
+                               args.batch_size, args.temperature, args.top_p, seed=args.seed,
+                               prepare=lambda chunk: use_rows(model, [todo[i].adapter for i in chunk]))
+    try:
+        with partial.open("a", encoding="utf-8") as out:
+            for chunk, completions in batches:
+                for i, (completion,) in zip(chunk, completions):
+                    done[todo[i].index] = output_row(todo[i], completion)
+                    out.write(json.dumps(done[todo[i].index]) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                advance(len(chunk))
+    except OSError as e:
+        raise MachineFault(f"{os_fault(e, 'cannot write', partial)}; the rows finished so far are kept in it: free "
+                           f"some space and run the same command with --resume") from None
     with atomic_path(args.output) as tmp:
         tmp.write_text("".join(json.dumps(done[r.index]) + "\n" for r in requests), encoding="utf-8")
     partial.unlink()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from math import prod
 from pathlib import Path
 
 from prolora_cli.adapter.files import read_config, read_tensors
 from prolora_cli.adapter.inject import attach
 from prolora_cli.errors import UserError
-from prolora_cli.fileio import atomic_dir, check_output_free, write_text_atomic
+from prolora_cli.fileio import atomic_dir, check_free_space, check_output_free, exclusive, write_text_atomic
 from prolora_cli.merge.verify import check_merged
 from prolora_cli.merge.weights import BASES, BaseWeights, base_folder
 from prolora_cli.methods.base import merged_weight
@@ -23,6 +24,7 @@ from prolora_cli.models.safetensors_files import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPES,
     INDEX_NAME,
+    ITEM_SIZE,
     Checkpoint,
     parse_size,
     tensor_bytes,
@@ -95,9 +97,10 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     weights = BaseWeights(ckpt, base, dtype)
     layers = attach(weights.skeleton, cfg, state)  # names the first module that does not fit this base
 
-    say(f"merging {len(layers)} modules into {source} ({base} weights, written as {dtype}, {dtype_from})")
     layout = weights.layout()
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    check_free_space(output, sum(ITEM_SIZE[d] * prod(shape) for d, shape in layout.values()), "the merged model")
+    say(f"merging {len(layers)} modules into {source} ({base} weights, written as {dtype}, {dtype_from})")
+    with exclusive(output, say), atomic_dir(output, overwrite=overwrite) as tmp:
         index = write_checkpoint(tmp, layout, merged_tensors(weights, layers, layout), shard_bytes)
         write_config(folder, tmp, dtype, type(weights.skeleton).__name__)
         checks = check_merged(tmp, weights, layers, layout, cfg, state, verify, tolerance, dtype, say)

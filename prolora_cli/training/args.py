@@ -54,6 +54,7 @@ class TrainArgs:
     log_every: int = 1
     report_to: str = "none"  # comma-separated: tensorboard, wandb, mlflow
     resume: bool = False
+    resume_from: Optional[Path] = None  # a checkpoint folder, instead of the newest intact one
     overwrite: bool = False
     device: Optional[str] = None  # mainly for tests; accelerate picks otherwise
 
@@ -84,7 +85,7 @@ class TrainArgs:
         if self.optim not in OPTIMIZERS:
             raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         trackers_of(self.report_to)  # an unknown or missing tracker fails before any work
-        if self.resume and self.overwrite:
+        if (self.resume or self.resume_from) and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 
 

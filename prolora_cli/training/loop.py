@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,19 @@ from prolora_cli.adapter.files import save_adapter_tensors
 from prolora_cli.adapter.inject import adapter_layers, finalize, load_layers_state, saved_config
 from prolora_cli.data.chat import IGNORE
 from prolora_cli.data.packing import seen_tokens
+from prolora_cli.errors import MachineFault
 from prolora_cli.methods.base import AdapterLayer
 from prolora_cli.training.args import TrainArgs
+from prolora_cli.training.checkpoints import (
+    SCHEDULER_NAME,
+    STATE_NAME,
+    checkpoint_fault,
+    checkpoint_path,
+    complete_checkpoints,
+)
 from prolora_cli.training.data import EpochLengthSampler
 from prolora_cli.training.optimization import mean_eval_loss
-from prolora_cli.training.run_folder import CHECKPOINTS, LOG_NAME, PLOT_NAME, STATE_NAME, plot_losses
+from prolora_cli.training.run_folder import LOG_NAME, PLOT_NAME, plot_losses
 from prolora_cli.training.sharding import full_adapter_state, load_full_adapter_state, units
 
 
@@ -61,11 +70,12 @@ class Progress:
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved."""
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: a checkpoint was saved."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, signum: int):
         super().__init__(str(checkpoint))
-        self.checkpoint = checkpoint
+        self.checkpoint, self.signal_name = checkpoint, signal.Signals(signum).name
+        self.exit_code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
 
 
 @dataclass(kw_only=True)
@@ -110,19 +120,27 @@ class Run:
         return self.progress.last_eval_loss
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N atomically: only complete checkpoints ever carry that name."""
+        """Write checkpoints/step-N atomically: only complete checkpoints ever carry that name. A write that
+        fails (a full disk) leaves no partial checkpoint and names the one that can be resumed."""
         acc, out = self.accelerator, self.args.output
-        final = out / CHECKPOINTS / f"step-{self.progress.step:07d}"
+        final = checkpoint_path(out, self.progress.step)
         tmp = final.with_name(f".tmp-{final.name}")
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))  # the adapter (our hook), the optimizer, every process's RNG states
+            if self.main:
+                (tmp / SCHEDULER_NAME).write_text(json.dumps(self.scheduler.state_dict()))
+                (tmp / STATE_NAME).write_text(json.dumps(vars(self.progress)))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        except (OSError, RuntimeError, MachineFault) as e:
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint_fault(e, final.name, out) from None
         if self.main:
-            (tmp / STATE_NAME).write_text(json.dumps(vars(self.progress)))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in sorted(final.parent.glob("step-*"))[: -self.args.save_total_limit]:
+            for old in complete_checkpoints(out)[self.args.save_total_limit:]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
@@ -180,12 +198,13 @@ class Run:
         self.report.step(p.step, record)
 
     def stop_asked(self, stop: dict) -> bool:
-        """A Ctrl-C reaches the processes at different moments; they stop at the same step."""
-        flag = torch.tensor(float(stop["asked"]), device=self.accelerator.device)
+        """A Ctrl-C or SIGTERM reaches the processes at different moments; they stop at the same step."""
+        flag = torch.tensor(float(stop["asked"] is not None), device=self.accelerator.device)
         return self.accelerator.reduce(flag, "sum").item() > 0
 
     def loop(self, stop: dict) -> None:
-        """Train up to total_steps; a Ctrl-C (stop["asked"]) ends at the next step with a checkpoint."""
+        """Train up to total_steps; a Ctrl-C or SIGTERM (stop["asked"]: the signal) ends at the next step
+        with a checkpoint."""
         p, acc, accum = self.progress, self.accelerator, self.args.grad_accum
         window = dict(started=time.perf_counter() - p.elapsed, start=time.perf_counter(), tokens=0, trained=0,
                       loss=0.0, steps=0)
@@ -207,7 +226,7 @@ class Run:
                               trained=window["trained"] + p.trained_tokens - before[1], steps=window["steps"] + 1)
                 self.end_of_step(window)
                 if self.stop_asked(stop):
-                    raise Interrupted(self.save_checkpoint())
+                    raise Interrupted(self.save_checkpoint(), stop["asked"] or signal.SIGTERM)
                 if self.args.save_every and p.step % self.args.save_every == 0 and p.step < self.total_steps:
                     self.save_checkpoint()
             if p.step < self.total_steps:

@@ -2,21 +2,20 @@
 --overwrite before a run starts.
 
 A finished run holds adapter_config.json + adapter.safetensors, train_log.jsonl, run_config.json and
-loss.png; checkpoints/step-N folders hold what `--resume` needs, and only complete ones carry that name.
+loss.png; checkpoints/step-N folders hold what `--resume` needs (checkpoints.py).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prolora_cli.errors import UserError
 from prolora_cli.fileio import atomic_path
 from prolora_cli.training.args import TrainArgs
+from prolora_cli.training.checkpoints import CHECKPOINTS, choose_checkpoint
 
-CHECKPOINTS = "checkpoints"
-STATE_NAME = "trainer_state.json"
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG = "run_config.json"
 PLOT_NAME = "loss.png"
@@ -26,23 +25,16 @@ def is_finished(output: Path) -> bool:
     return (output / "adapter_config.json").is_file() and (output / LOG_NAME).is_file()
 
 
-def latest_checkpoint(output: Path) -> Optional[Path]:
-    """The newest complete checkpoint. Incomplete ones never get their final name (see Run.save_checkpoint)."""
-    folder = output / CHECKPOINTS
-    done = sorted(p for p in folder.glob("step-*") if (p / STATE_NAME).is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
-
-
-def prepare_output(args: TrainArgs) -> Optional[Path]:
-    """Check the output folder against --resume/--overwrite; return the checkpoint to resume from."""
+def prepare_output(args: TrainArgs, say: Callable[[str], None]) -> Optional[Path]:
+    """Check the output folder against --resume/--overwrite; return the checkpoint to resume from (the
+    newest intact one, or --resume-from's). Runs while the folder's lock is held."""
     out = args.output
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder")
-    if args.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise UserError(f"--resume: no complete checkpoint in {out / CHECKPOINTS}")
-        return ckpt
+    for stale in (out / CHECKPOINTS).glob(".tmp-*"):  # a checkpoint whose writer was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if args.resume or args.resume_from:
+        return choose_checkpoint(out, args.resume_from, say)
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             what = "a finished run" if is_finished(out) else "files (an unfinished run? use --resume)"

@@ -7,7 +7,9 @@ and checkpoint state; transformers brings the schedule and length grouping.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -16,15 +18,17 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils.other import load as load_weights_only
 
 from prolora_cli import __version__
 from prolora_cli.adapter.files import read_config, read_tensors
 from prolora_cli.adapter.inject import count_trainable, inject
 from prolora_cli.data.chat import resolve_chat_format
-from prolora_cli.errors import UserError
-from prolora_cli.fileio import write_text_atomic
+from prolora_cli.errors import MachineFault, UserError, os_fault
+from prolora_cli.fileio import exclusive, write_text_atomic
 from prolora_cli.models.loading import load_model, quiet_libraries
 from prolora_cli.training.args import TrainArgs, trackers_of
+from prolora_cli.training.checkpoints import LEGACY_SCHEDULER, SCHEDULER_NAME, STATE_NAME, CheckpointFault, resume_hint
 from prolora_cli.training.data import (
     count_steps,
     make_loaders,
@@ -37,7 +41,7 @@ from prolora_cli.training.data import (
 from prolora_cli.training.loop import Progress, Reporter, Run
 from prolora_cli.training.optimization import build_optimizer, build_scheduler
 from prolora_cli.training.run_config import RUN_KEY, flag_values
-from prolora_cli.training.run_folder import LOG_NAME, RUN_CONFIG, STATE_NAME, prepare_output
+from prolora_cli.training.run_folder import LOG_NAME, RUN_CONFIG, prepare_output
 from prolora_cli.training.sharding import check_shardable, fsdp_requested, param_shapes
 
 
@@ -99,8 +103,7 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    # Stepped by hand once per optimizer step; registered so checkpoints hold it.
-    accelerator.register_for_checkpointing(scheduler)
+    # Stepped by hand once per optimizer step; checkpoints hold its state as JSON (never a pickle).
     info = dict(model=model_id, examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds else 0,
                 trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
                 steps=total_steps, batch=args.batch_size * args.grad_accum * n, processes=n)
@@ -111,8 +114,8 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
 
 
 def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
-    """Checkpoints hold the adapter (never the frozen base); resume loads one, a new run writes
-    its run_config.json. Either way train_log.jsonl restarts from the history kept so far."""
+    """Checkpoints hold the adapter (never the frozen base); resume loads one, a run folder without a
+    run_config.json gets one. Either way train_log.jsonl restarts from the history kept so far."""
     def save_hook(models, weights, output_dir):
         weights.clear()
         run.save_adapter(Path(output_dir), run.cfg)
@@ -130,9 +133,10 @@ def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
             raise UserError(f"{resume_from} was written by {progress.processes} process(es); resume it with "
                             f"{progress.processes} (each process's random state and share of the data are in it)")
         run.accelerator.load_state(str(resume_from))
+        run.scheduler.load_state_dict(scheduler_state(resume_from))
         run.progress = progress
         run.say(f"resuming from {resume_from.name} (step {run.progress.step} of {run.total_steps})")
-    elif run.main:
+    if run.main and not (args.output / RUN_CONFIG).is_file():  # a new run, or --resume-from into a new folder
         args.output.mkdir(parents=True, exist_ok=True)
         facts = {"prolora": __version__, "base_model": run.cfg.base_model, "chat_format_used": run.info["chat_format"],
                  "processes": run.accelerator.num_processes, "adapter": run.cfg.to_dict()}
@@ -140,6 +144,14 @@ def start_or_resume(run: Run, resume_from: Optional[Path]) -> None:
             {**flag_values(args, run.cfg.to_flags()), RUN_KEY: facts}, indent=2) + "\n")
     if run.main:  # on resume, forget what the interrupted run logged after its checkpoint
         write_text_atomic(args.output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in run.progress.history))
+
+
+def scheduler_state(checkpoint: Path) -> dict:
+    """The scheduler's state in a checkpoint: JSON, or in checkpoints of prolora 0.1 the pickle accelerate
+    wrote, read with torch's weights_only unpickler (numbers and lists only, never code)."""
+    if (checkpoint / SCHEDULER_NAME).is_file():
+        return json.loads((checkpoint / SCHEDULER_NAME).read_text(encoding="utf-8"))
+    return load_weights_only(checkpoint / LEGACY_SCHEDULER, map_location="cpu")
 
 
 def init_trackers(run: Run) -> None:
@@ -150,36 +162,52 @@ def init_trackers(run: Run) -> None:
 
 
 def train(args: TrainArgs, report: Reporter) -> dict:
-    """Run (or resume) training. `report` receives progress events (see cli.render.TrainReporter)."""
+    """Run (or resume) training, holding the run folder's lock (the main process takes it: under a
+    launcher RANK 0). `report` receives progress events (see cli.render.TrainReporter)."""
     quiet_libraries()
     args.check()
-    resume_from = prepare_output(args)
-    if resume_from is not None:
-        args = replace(args, adapter=read_config(resume_from))
-    run = setup(args, report, resume_from)
-    start_or_resume(run, resume_from)
-    # Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary and stops.
-    stop = {"asked": False}
-    previous_handler = signal.getsignal(signal.SIGINT)
+    main = os.environ.get("RANK", "0") == "0"
+    with exclusive(args.output, report.message) if main else contextlib.nullcontext():
+        resume_from = prepare_output(args, report.message if main else lambda _m: None)
+        if resume_from is not None:
+            args = replace(args, adapter=read_config(resume_from))
+        run = setup(args, report, resume_from)
+        start_or_resume(run, resume_from)
+        try:
+            summary = run_until_done(run)
+        except CheckpointFault:
+            raise
+        except (MachineFault, OSError) as e:  # the log, the plot or the final adapter could not be written
+            reason = e if isinstance(e, MachineFault) else os_fault(e, "cannot write")
+            raise MachineFault(f"{reason}; {resume_hint(args.output)}") from None
+    if run.main:
+        report.end(summary)
+    return summary
 
-    def on_sigint(signum, frame):
-        if stop["asked"]:
+
+def run_until_done(run: Run) -> dict:
+    """The loop to the last step, then the finished adapter. Ctrl-C and SIGTERM (what schedulers such as
+    SLURM and Kubernetes send before they kill) set a flag; the loop saves a checkpoint at the next step
+    boundary, every process at the same one, and stops. A second signal stops at once."""
+    stop = {"asked": None}
+
+    def on_signal(signum, frame):
+        if stop["asked"] is not None:
             raise KeyboardInterrupt
-        stop["asked"] = True
+        stop["asked"] = signum
 
-    signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if run.accelerator.log_with:
         init_trackers(run)
-    report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
+    run.report.start(run.total_steps, run.progress.step, run.info, enabled=run.main)
     try:
         if run.eval_loader is not None and run.progress.step == 0:  # where the curve starts
             run.log(dict(step=0, epoch=0, eval_loss=run.evaluate()))
         run.loop(stop)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     summary = run.finish()
     if run.accelerator.log_with:
         run.accelerator.end_training()
-    if run.main:
-        report.end(summary)
     return summary
