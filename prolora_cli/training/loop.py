@@ -127,9 +127,11 @@ class Run:
         tmp = final.with_name(f".tmp-{final.name}")
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # before any process writes its RNG states into it
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))  # the adapter (our hook), the optimizer, every process's RNG states
+            acc.wait_for_everyone()  # all of them written before the folder takes its final name
             if self.main:
                 (tmp / SCHEDULER_NAME).write_text(json.dumps(self.scheduler.state_dict()))
                 (tmp / STATE_NAME).write_text(json.dumps(vars(self.progress)))
