@@ -36,13 +36,28 @@ sys.path.insert(0, str(ROOT))
 PROLORA = [sys.executable, "-m", "prolora_cli"]
 
 
+def tree_anon_kib(pid: int) -> int:
+    """Pss_Anon of a process and all its descendants, in KiB (0 for those already gone)."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Anon:"):
+                total += int(line.split()[1])
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += sum(tree_anon_kib(int(c)) for c in (task / "children").read_text().split())
+    except OSError:
+        pass
+    return total
+
+
 def measure(command: list[str], env: dict | None = None) -> dict:
     """Wall time, peak RSS and peak anonymous memory of one child process; its stdout.
 
     Peak RSS (the kernel's count, os.wait4) includes pages of memory-mapped files that were touched:
     a checkpoint read through safetensors' memory map counts in full although those pages are page
-    cache the kernel drops under pressure. Peak anonymous memory (RssAnon, sampled every 50 ms) is what
-    the process really holds.
+    cache the kernel drops under pressure. Peak anonymous memory (sampled every 50 ms) is what the
+    process really holds: the sum over it and the processes it starts (datasets' tokenizing workers) of
+    their proportional share (Pss_Anon), so that pages a forked worker still shares count once.
     """
     import threading
 
@@ -53,12 +68,7 @@ def measure(command: list[str], env: dict | None = None) -> dict:
 
         def sample():
             while child.returncode is None:
-                try:
-                    text = Path(f"/proc/{child.pid}/status").read_text()
-                except OSError:
-                    return
-                kb = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("RssAnon:")), 0)
-                anon["peak"] = max(anon["peak"], kb)
+                anon["peak"] = max(anon["peak"], tree_anon_kib(child.pid))
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,23 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _test_cache() -> None:
+    """Tokenized data the tests cache goes to a scratch folder of its own (removed with the tests'
+    temporaries), while the embedded model's conversion (540 MB, 15 s) stays shared with the user's
+    cache. Every subprocess the tests start inherits it."""
+    from prolora_cli.models.loading import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="prolora-test-cache-"))
+    (scratch / "models").symlink_to(models)
+    os.environ["PROLORA_CACHE"] = str(scratch)
+    atexit.register(shutil.rmtree, scratch, True)
+
+
+_test_cache()
 
 
 def tiny_llama_config(**overrides):

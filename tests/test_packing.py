@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import run_cli, tiny_llama
 
 from prolora_cli.data.chat import IGNORE
-from prolora_cli.data.packing import collate_packed, pack, seen_tokens
+from prolora_cli.data.packing import PackedRows, collate_packed, seen_tokens
 
 
 def examples():
@@ -32,7 +32,7 @@ def test_packed_loss_equals_unpacked_and_needs_the_mask():
 
     model = tiny_llama(attn_implementation="sdpa")
     exs = examples()
-    ds = pack(Dataset.from_list(exs), max_len=64)
+    ds = PackedRows(Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in exs]), max_len=64)
     assert len(ds) == 1 and ds[0]["position_ids"][:8] == [0, 1, 2, 3, 4, 5, 6, 0]
     batch = collate_packed(pad_id=0)([ds[0], {k: v[:5] for k, v in ds[0].items()}])  # a padded second row
     assert seen_tokens(batch) == 23 + 5

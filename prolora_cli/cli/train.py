@@ -42,7 +42,10 @@ def train(
     data_weights: Optional[str] = option(None, "--data-weights", panel=DATA, help="Mix several --data by these "
                                          "weights (like 0.7,0.3); default: concatenate."),
     data_split: str = option(TrainArgs.data_split, "--data-split", panel=DATA, help="Split of a hub dataset."),
-    num_proc: int = option(TrainArgs.num_proc, "--num-proc", panel=DATA, help="Processes that tokenize the data."),
+    num_proc: Optional[int] = option(None, "--num-proc", panel=DATA, help="Processes that tokenize the data "
+                                     "(default: the cores available; one per 10,000 examples at most)."),
+    cache_dir: Optional[Path] = option(None, "--cache-dir", panel=DATA, help="Where tokenized data is kept for "
+                                       "reruns (default: ~/.cache/prolora/data, or $PROLORA_CACHE/data)."),
     eval_data: Optional[Path] = option(None, "--eval-data", panel=DATA, help="Held-out chat JSONL for eval loss."),
     chat_format: str = option(TrainArgs.chat_format, "--chat-format", panel=DATA,
                               help="'tulu', 'template' (the tokenizer's) or 'auto'."),

@@ -7,10 +7,12 @@ for any fast tokenizer, whatever it merges across turn boundaries.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from datasets import Dataset
 
-from prolora_cli.data.formats import BadRecord, where
+from prolora_cli.data.formats import BadRecord
 from prolora_cli.errors import UserError
 
 CHAT_FORMATS = ("auto", "tulu", "template")
@@ -116,30 +118,41 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int,
-                     source: str = "data", num_proc: int = 1, system_prompt: str | None = None):
-    """A datasets.Dataset of input_ids/labels; examples left with no trained token are dropped.
-    `system_prompt` opens every conversation that has no system turn (train --system-prompt).
+def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int, source: str = "data",
+                     num_proc: int = 1, system_prompt: str | None = None, cache_file: str | None = None):
+    """input_ids and labels of every record, with each example's `length` and `trained` token count as
+    columns (so that counts, statistics and the sampler read arrays, not lists); examples left with no
+    trained token are dropped. `records`: a dataset (or list) of chat records with their line or row.
+    `system_prompt` opens every conversation that has no system turn (train --system-prompt). With
+    `cache_file` the result is written there and memory-mapped from it.
 
     Returns (dataset, dropped_count).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("prolora needs a fast (Rust) tokenizer to place labels exactly")
+    if isinstance(records, list):
+        records = Dataset.from_list(records)
+    unit = "line" if "line" in records.column_names else "row"
 
     def one(record):
         try:
-            return encode(with_system(record["messages"], system_prompt), tokenizer, chat_format, max_seq_len)
+            out = encode(with_system(record["messages"], system_prompt), tokenizer, chat_format, max_seq_len)
         except BadRecord as e:
-            raise UserError(f"{source}, {record['at']}: {e}") from None
+            raise UserError(f"{source}, {unit} {record[unit]}: {e}") from None
         except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, ValueError)
-            raise UserError(f"{source}, {record['at']}: cannot render: {e}") from None
+            raise UserError(f"{source}, {unit} {record[unit]}: cannot render: {e}") from None
+        return {**out, "length": len(out["input_ids"]), "trained": sum(label != IGNORE for label in out["labels"])}
 
-    if isinstance(records, list):  # JSONL, read line by line
-        ds = Dataset.from_list([{"messages": r["messages"], "at": where(r)} for r in records])
-    else:  # a table_records dataset
-        ds = records.map(lambda row: {"at": f"row {row}"}, input_columns="row", remove_columns=["row", "format"])
-    ds = ds.map(one, remove_columns=["messages"], desc=None, num_proc=num_proc if num_proc > 1 else None)
-    kept = ds.filter(lambda ex: any(label != IGNORE for label in ex["labels"]))
+    # Processes pay for themselves only on larger data: one per 10,000 examples, up to num_proc.
+    procs = min(num_proc, len(records) // 10_000)
+    # Forked workers share the parent's memory until they write to it; a full garbage collection in a
+    # worker writes to every object it inherited (hundreds of MiB with torch loaded): frozen, they are skipped.
+    gc.freeze()
+    try:
+        ds = records.map(one, remove_columns=records.column_names, num_proc=procs if procs > 1 else None)
+    finally:
+        gc.unfreeze()
+    kept = ds.filter(lambda trained: [n > 0 for n in trained], input_columns="trained", batched=True)
+    if cache_file is not None:
+        kept = kept.flatten_indices(cache_file_name=cache_file)
     return kept, len(ds) - len(kept)
-
-

@@ -9,28 +9,49 @@ first token of every example is never trained, so no label crosses a boundary.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from datasets import Dataset
 
 from prolora_cli.data.chat import IGNORE
 
 
-def pack(ds, max_len: int):
-    """A dataset of packed rows: input_ids, labels, position_ids (restarting at each example)."""
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    row = {k: [] for k in rows}
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        if row["input_ids"] and len(row["input_ids"]) + len(ids) > max_len:
-            for k in rows:
-                rows[k].append(row[k])
-            row = {k: [] for k in rows}
-        row["input_ids"] += ids
-        row["labels"] += [IGNORE] + list(labels[1:])
-        row["position_ids"] += list(range(len(ids)))
-    for k in rows:
-        rows[k].append(row[k])
+def pack_ranges(lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """[start, end) of the examples each packed row holds: greedily, in order, a row closing when the
+    next example would not fit (an example longer than max_len gets a row of its own)."""
+    starts, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > max_len:
+            starts.append(i)
+            used = 0
+        used += n
+    bounds = np.array([*starts, len(lengths)], dtype=np.int64)
+    return np.stack([bounds[:-1], bounds[1:]], axis=1)
 
-    return Dataset.from_dict(rows)
+
+class PackedRows(torch.utils.data.Dataset):
+    """Examples packed into rows, assembled when a row is asked for: memory holds the row ranges (two
+    numbers a row), never the packed tokens."""
+
+    def __init__(self, examples, max_len: int):
+        lengths = examples.with_format("numpy", columns=["length"])[:]["length"]
+        self.examples = examples.with_format(None, columns=["input_ids", "labels"])
+        self.ranges = pack_ranges(lengths, max_len)
+        self.lengths = np.add.reduceat(lengths, self.ranges[:, 0]) if len(lengths) else lengths
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, i: int) -> dict:
+        """One row: input_ids, labels (each example's first token untrained), position_ids restarting
+        at each example."""
+        start, end = (int(x) for x in self.ranges[i])
+        chunk = self.examples[start:end]
+        row: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ids, labels in zip(chunk["input_ids"], chunk["labels"]):
+            row["input_ids"] += ids
+            row["labels"] += [IGNORE] + list(labels[1:])
+            row["position_ids"] += list(range(len(ids)))
+        return row
 
 
 def collate_packed(pad_id: int):

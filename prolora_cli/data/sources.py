@@ -1,5 +1,11 @@
 """Chat data files: JSONL read line by line (errors name the line), and JSON, Parquet, CSV, a `datasets`
-folder or a cached hub dataset read through `datasets` (errors name the row)."""
+folder or a cached hub dataset read through `datasets` (errors name the row).
+
+For training, `read_source` never holds the records in a list: JSONL records are written to Arrow as
+they are read (datasets.Dataset.from_generator), tables are converted by `datasets.map`; either way
+memory holds a batch, whatever the file's size. Eval and generate read lists (`read_data`), which they
+keep anyway.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from prolora_cli.data.formats import DATA_FORMATS, BadRecord, parse_record
 from prolora_cli.errors import UserError
@@ -88,11 +96,11 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[dic
     return collect(Path(path), "line", jsonl_objects(Path(path)), "auto", skip_bad_lines)
 
 
-def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool,
-            prompt_only: bool = False) -> tuple[list[dict], int]:
-    """Parse (position, object) pairs; a bad one stops with one line naming the file and position
-    (or is skipped and counted). An object may be the BadRecord its line already raised."""
-    records, skipped = [], 0
+def parsed(path: Path, unit: str, objects, data_format: str, skip_bad: bool, counts: Counter,
+           prompt_only: bool = False):
+    """Records from (position, object) pairs; a bad one stops with one line naming the file and position
+    (or is skipped and counted in counts["bad"]). An object may be the BadRecord its line already raised.
+    counts[shape] counts the records read as each shape."""
     for position, obj in objects:
         try:
             if isinstance(obj, BadRecord):
@@ -102,13 +110,60 @@ def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool,
             if not skip_bad:
                 raise UserError(f"{path}, {unit} {position}: {e} "
                                 f"(fix it, or pass --skip-bad-lines to skip such {unit}s)") from None
-            skipped += 1
+            counts["bad"] += 1
             continue
+        counts[record["format"]] += 1
         record[unit] = position
-        records.append(record)
+        yield record
+
+
+def no_examples(path, skipped: int, unit: str) -> UserError:
+    return UserError(f"{path}: no examples" + (f" ({skipped} bad {unit}s skipped)" if skipped else ""))
+
+
+def collect(path: Path, unit: str, objects, data_format: str, skip_bad: bool,
+            prompt_only: bool = False) -> tuple[list[dict], int]:
+    """The records of (position, object) pairs as a list (see `parsed`), and how many bad ones were skipped."""
+    counts: Counter = Counter()
+    records = list(parsed(path, unit, objects, data_format, skip_bad, counts, prompt_only))
     if not records:
-        raise UserError(f"{path}: no examples" + (f" ({skipped} bad {unit}s skipped)" if skipped else ""))
-    return records, skipped
+        raise no_examples(path, counts["bad"], unit)
+    return records, counts["bad"]
+
+
+RECORD_FEATURES = datasets.Features({
+    "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    "format": datasets.Value("string"), "line": datasets.Value("int64")})
+
+
+def read_source(path, skip_bad_lines: bool, data_format: str, split: str, scratch: Path) -> tuple:
+    """(records as a memory-mapped dataset: messages, format, and line or row; how many bad records were
+    skipped; how many records of each shape) of one --data source, for training. Its Arrow files go to
+    `scratch`."""
+    if data_format not in DATA_FORMATS:
+        raise UserError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
+    if is_hub_id(path) or Path(path).suffix != ".jsonl":
+        table = load_hub(str(path), split) if is_hub_id(path) else load_table(Path(path))
+        records, skipped = table_records(str(path), table, data_format, skip_bad_lines)
+        column = records.select_columns(["format"]).with_format("arrow")[:]["format"]  # filtered rows only
+        shapes = pa.compute.value_counts(column).to_pylist()
+        return records, skipped, Counter({s["values"]: s["counts"] for s in shapes})
+    counts: Counter = Counter()
+
+    def generate():
+        for r in parsed(Path(path), "line", jsonl_objects(Path(path)), data_format, skip_bad_lines, counts):
+            yield {"messages": r["messages"], "format": r["format"], "line": r["line"]}
+
+    try:
+        records = datasets.Dataset.from_generator(generate, features=RECORD_FEATURES, cache_dir=str(scratch))
+    except datasets.exceptions.DatasetGenerationError as e:  # our one-line error, raised inside the generator
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+    skipped = counts.pop("bad", 0)
+    if len(records) == 0:
+        raise no_examples(path, skipped, "line")
+    return records, skipped, counts
 
 
 def jsonl_objects(path: Path, strict: bool = False):
@@ -151,7 +206,6 @@ def load_table(path: Path):
         raise UserError(f"{path}: cannot read it as {builders[path.suffix].upper()} ({str(e).splitlines()[0]})") from None
 
 
-def describe_formats(records) -> str:
-    """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found (records: a list or a dataset)."""
-    counts = Counter(r["format"] for r in records) if isinstance(records, list) else Counter(records["format"])
-    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {f}" for f, n in counts.most_common())
+def describe_formats(counts: Counter) -> str:
+    """'alpaca' or '3 messages, 2 sharegpt': what --data-format auto found, from each shape's count."""
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n:,} {f}" for f, n in counts.most_common())

@@ -31,7 +31,8 @@ class TrainArgs:
     system_prompt: Optional[str] = None  # opens every conversation without a system turn; recorded
     data_weights: Optional[str] = None  # "0.7,0.3": one per --data
     data_split: str = "train"           # of a hub dataset
-    num_proc: int = 1                   # processes that tokenize
+    num_proc: Optional[int] = None      # processes that tokenize; None: the cores available
+    cache_dir: Optional[Path] = None    # of tokenized data; None: PROLORA_CACHE/data
     max_seq_len: int = 512
     skip_bad_lines: bool = False
     lr: float = 2e-4
@@ -69,7 +70,7 @@ class TrainArgs:
 
     def check(self) -> None:
         for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_total_limit", "num_proc"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:

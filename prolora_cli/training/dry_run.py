@@ -8,7 +8,9 @@ planner's parameter count, an estimate of memory per device).
 from __future__ import annotations
 
 import os
-import statistics
+from collections import Counter
+
+import numpy as np
 
 from prolora_cli.adapter.planner import plan
 from prolora_cli.data.chat import IGNORE, resolve_chat_format
@@ -16,7 +18,7 @@ from prolora_cli.data.sources import describe_formats
 from prolora_cli.models.arch import resolve_architecture
 from prolora_cli.models.loading import load_tokenizer, quiet_libraries
 from prolora_cli.training.args import TrainArgs
-from prolora_cli.training.data import count_steps, mix, read_sources, tokenize_split, training_rows
+from prolora_cli.training.data import count_steps, row_lengths, training_examples, training_rows
 
 NF4_BYTES = 4.127 / 8      # NF4 with double-quantised absmax: 4 + 8/64 + 32/(64*256) bits per weight
 ADAM_BYTES = 16            # fp32 weight, gradient and two AdamW moments per trainable parameter
@@ -26,31 +28,28 @@ ACTIVATION_BYTES = 34      # per token, hidden unit and block in 16 bits (Korthi
 def dry_run(args: TrainArgs) -> dict:
     quiet_libraries()
     notes: list[str] = []
-    sources = read_sources(args, notes.append)
-    records = sum(len(rs) for _, rs, _ in sources)
-    skipped = sum(n for _, _, n in sources)
     tokenizer = load_tokenizer(args.model)
     fmt = resolve_chat_format(tokenizer, args.chat_format)
-    parts = [tokenize_split(src, rs, tokenizer, args, fmt, notes.append) for src, rs, _ in sources]
-    dropped = records - sum(len(part) for part in parts)
-    ds = mix(parts, args)  # with --data-weights, sources may be drawn more than once
-    lengths = [len(x) for x in ds["input_ids"]]
-    trained = [sum(1 for t in labels if t != IGNORE) for labels in ds["labels"]]
+    ds, metas = training_examples(tokenizer, fmt, args, notes.append)  # fills the cache the run then reuses
+    lengths = row_lengths(ds)
+    trained = ds.with_format("numpy", columns=["trained"])[:]["trained"]
     arch = resolve_architecture(args.model)
     trainable = plan(arch, args.adapter)["trainable_params"]
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     rows = len(training_rows(ds, args))
     steps_per_epoch, steps = count_steps(rows, args, processes)
     example = ds[0]
-    return {"examples": len(lengths), "dropped": dropped, "skipped_bad_records": skipped,
-            "data_format": ", ".join(describe_formats(rs) for _, rs, _ in sources), "chat_format": fmt, "notes": notes,
-            "tokens": sum(lengths), "trained_tokens": sum(trained),
-            "length": {"min": min(lengths), "median": statistics.median(lengths),
-                       "p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))], "max": max(lengths)},
+    shapes = sum((Counter(m["formats"]) for m in metas), Counter())
+    return {"examples": len(lengths), "dropped": sum(m["dropped"] for m in metas),
+            "skipped_bad_records": sum(m["skipped"] for m in metas), "data_format": describe_formats(shapes),
+            "chat_format": fmt, "notes": notes, "tokens": int(lengths.sum()), "trained_tokens": int(trained.sum()),
+            "length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
+                       "p90": int(np.sort(lengths)[int(0.9 * (len(lengths) - 1))]), "max": int(lengths.max())},
             "trainable_params": trainable, "processes": processes,
             "global_batch": args.batch_size * processes * args.grad_accum,
             "rows": rows if args.packing else None, "steps_per_epoch": steps_per_epoch, "steps": steps,
-            "memory_per_device_gib": memory_estimate(arch, args, trainable, max(lengths), processes),
+            "memory_per_device_gib": memory_estimate(arch, args, trainable, int(lengths.max()), processes),
+            "cache": [m["entry"] for m in metas], "cache_reused": all(m["reused"] for m in metas),
             "example": {"tokens": [tokenizer.decode([t]) for t in example["input_ids"]],
                         "trained": [label != IGNORE for label in example["labels"]]}}
 

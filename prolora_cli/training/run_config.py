@@ -17,7 +17,7 @@ import yaml
 from prolora_cli.errors import UserError
 
 RUN_KEY = "run"  # facts about a run (base model id, chat format used, adapter config), not flags
-NOT_WRITTEN = ("config", "resume", "resume_from", "overwrite", "dry_run", "as_json")  # what one invocation decides, not the run
+NOT_WRITTEN = ("config", "resume", "resume_from", "overwrite", "dry_run", "as_json", "cache_dir")  # what one invocation decides, not the run
 
 
 def read_config_file(path: str | Path, params: dict) -> dict:

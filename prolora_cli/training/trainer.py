@@ -26,18 +26,10 @@ from prolora_cli.adapter.inject import count_trainable, inject
 from prolora_cli.data.chat import resolve_chat_format
 from prolora_cli.errors import MachineFault, UserError, os_fault
 from prolora_cli.fileio import exclusive, write_text_atomic
-from prolora_cli.models.loading import load_model, quiet_libraries
+from prolora_cli.models.loading import load_model, load_tokenizer, quiet_libraries
 from prolora_cli.training.args import TrainArgs, trackers_of
 from prolora_cli.training.checkpoints import LEGACY_SCHEDULER, SCHEDULER_NAME, STATE_NAME, CheckpointFault, resume_hint
-from prolora_cli.training.data import (
-    count_steps,
-    make_loaders,
-    mix,
-    read_eval_records,
-    read_sources,
-    tokenize_split,
-    training_rows,
-)
+from prolora_cli.training.data import count_steps, eval_examples, make_loaders, training_examples, training_rows
 from prolora_cli.training.loop import Progress, Reporter, Run
 from prolora_cli.training.optimization import build_optimizer, build_scheduler
 from prolora_cli.training.run_config import RUN_KEY, flag_values
@@ -45,16 +37,17 @@ from prolora_cli.training.run_folder import LOG_NAME, RUN_CONFIG, prepare_output
 from prolora_cli.training.sharding import check_shardable, fsdp_requested, param_shapes
 
 
-def load_inputs(args: TrainArgs, device, say):
-    """Data first (a bad file should fail before the model loads), then model and tokenizer.
-    Returns (model, tokenizer, model id, chat format, train dataset, eval dataset or None)."""
-    sources = read_sources(args, say)
-    eval_records = read_eval_records(args)
-    model, tokenizer, model_id = load_model(args.model, args.quant, device=device,
-                                            trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
+def load_inputs(args: TrainArgs, accelerator: Accelerator, say):
+    """Data first (a bad file should fail before the model loads; the main process tokenizes into the
+    cache, the others then read it), then the model. Returns (model, tokenizer, model id, chat format,
+    train dataset, eval dataset or None)."""
+    tokenizer = load_tokenizer(args.model)
     fmt = resolve_chat_format(tokenizer, args.chat_format)
-    train_ds = mix([tokenize_split(src, records, tokenizer, args, fmt, say) for src, records, _ in sources], args)
-    eval_ds = tokenize_split(args.eval_data, eval_records, tokenizer, args, fmt, say) if args.eval_data else None
+    with accelerator.main_process_first():
+        train_ds, _ = training_examples(tokenizer, fmt, args, say)
+        eval_ds = eval_examples(tokenizer, fmt, args, say)
+    model, tokenizer, model_id = load_model(args.model, args.quant, device=accelerator.device,
+                                            trust_remote_code=args.trust_remote_code, fsdp=fsdp_requested())
     return model, tokenizer, model_id, fmt, train_ds, eval_ds
 
 
@@ -79,7 +72,7 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
     launch = f"{n} processes ({accelerator.distributed_type.value.lower()})" if n > 1 else "1 process"
     say(f"{launch}: batch {args.batch_size} per process x {n} x {args.grad_accum} accumulation = "
         f"{args.batch_size * n * args.grad_accum} sequences per step")
-    model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator.device, say)
+    model, tokenizer, model_id, fmt, train_ds, eval_ds = load_inputs(args, accelerator, say)
     # The adapter settings of a resumed run are the run's own, not this command line's. The adapter
     # records how it was prompted, so that chat and generate prompt it the same way.
     cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id, chat_format=fmt,
