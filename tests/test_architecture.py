@@ -18,8 +18,8 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "cli_flags.json"
 # Flags and commands added on purpose since the snapshot was taken: VeRA's d init had no flag, so no VeRA
 # run_config.json could repeat its run (issue 28); the adapter records its system prompt, and chat and
 # generate try what was trained (issue 29); export writes GGUF (issue 30); --resume-from picks a checkpoint
-# (issue 31); --cache-dir keeps tokenized data (issue 33).
-ADDED = {"train": {"--vera-d-init", "--system-prompt", "--resume-from", "--cache-dir"},
+# (issue 31); --cache-dir keeps tokenized data (issue 33); --loss and --kernels (issue 32).
+ADDED = {"train": {"--vera-d-init", "--system-prompt", "--resume-from", "--cache-dir", "--loss", "--kernels"},
          "export": {"--quant", "--base", "--model", "--ollama", "--json"}}
 NEW_COMMANDS = {"chat", "generate"}
 

@@ -88,6 +88,13 @@ def train(
                                    panel=TRAINING),
     gradient_checkpointing: bool = option(False, "--gradient-checkpointing", panel=TRAINING,
                                           help="Trade compute for memory."),
+    loss: str = option(TrainArgs.loss, "--loss", panel=TRAINING,
+                       help="'full' (transformers': logits of every position), 'chunked' (the answer positions "
+                            "only, a chunk at a time: same loss, less memory) or 'liger' (Liger's fused kernel; "
+                            "CUDA)."),
+    kernels: str = option(TrainArgs.kernels, "--kernels", panel=TRAINING,
+                          help="'none' or 'liger': Liger's fused RMSNorm, RoPE and SwiGLU (CUDA; "
+                               "pip install 'prolora[kernels]')."),
     config: Optional[Path] = CONFIG,
     output: Path = option(Path("runs/prolora"), "--output", "-o", panel=RUN,
                           help="Run folder: adapter, log, plot, checkpoints."),

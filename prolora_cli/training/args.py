@@ -14,6 +14,8 @@ from prolora_cli.adapter.config import AdapterConfig
 from prolora_cli.errors import UserError
 
 OPTIMIZERS = ("paged_adamw_32bit", "adamw")
+LOSSES = ("full", "chunked", "liger")  # training/losses.py
+KERNELS = ("none", "liger")             # training/kernels.py
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name: package it needs
 
 
@@ -49,6 +51,8 @@ class TrainArgs:
     group_by_length: bool = True
     packing: bool = False
     gradient_checkpointing: bool = False
+    loss: str = "full"                  # see training/losses.py
+    kernels: str = "none"               # see training/kernels.py
     eval_every: int = 0
     save_every: int = 0
     save_total_limit: int = 2
@@ -85,6 +89,10 @@ class TrainArgs:
             raise UserError("--warmup-ratio must be in [0, 1)")
         if self.optim not in OPTIMIZERS:
             raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.kernels not in KERNELS:
+            raise UserError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         trackers_of(self.report_to)  # an unknown or missing tracker fails before any work
         if (self.resume or self.resume_from) and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")

@@ -19,6 +19,7 @@ from prolora_cli.models.arch import resolve_architecture
 from prolora_cli.models.loading import load_tokenizer, quiet_libraries
 from prolora_cli.training.args import TrainArgs
 from prolora_cli.training.data import count_steps, row_lengths, training_examples, training_rows
+from prolora_cli.training.losses import CHUNK
 
 NF4_BYTES = 4.127 / 8      # NF4 with double-quantised absmax: 4 + 8/64 + 32/(64*256) bits per weight
 ADAM_BYTES = 16            # fp32 weight, gradient and two AdamW moments per trainable parameter
@@ -61,7 +62,8 @@ def memory_estimate(arch, args, trainable: int, longest: int, processes: int) ->
     base = linear * (NF4_BYTES if args.quant == "nf4" else 2) + embeddings * 2
     tokens = args.batch_size * min(longest, args.max_seq_len)
     per_block = tokens * arch.hidden_size * (2 if args.gradient_checkpointing else ACTIVATION_BYTES)
-    activations = arch.num_layers * per_block + tokens * arch.vocab_size * 4  # fp32 logits
+    scored = tokens if args.loss == "full" else min(tokens, CHUNK)  # positions whose logits exist at once
+    activations = arch.num_layers * per_block + scored * arch.vocab_size * 4  # fp32 logits
     parts = {"base": base, "adapter_and_optimizer": trainable * ADAM_BYTES, "activations": activations}
     out = {k: round(v / 2**30, 2) for k, v in parts.items()}
     out["total"] = round(sum(parts.values()) / 2**30, 2)

@@ -191,6 +191,8 @@ class Run:
             record = dict(step=p.step, epoch=p.epoch, loss=p.last_loss, lr=self.scheduler.get_last_lr()[0],
                           tokens_per_s=window["tokens"] / seconds, trained_tokens_per_s=window["trained"] / seconds,
                           elapsed_s=p.elapsed)
+            if self.accelerator.device.type == "cuda":  # the peak so far, as a GPU budget needs it
+                record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
             window.update(tokens=0, trained=0, start=now, loss=0.0, steps=0)
         if self.eval_loader is not None and (
                 p.step == self.total_steps or (args.eval_every and p.step % args.eval_every == 0)):

@@ -30,7 +30,9 @@ from prolora_cli.models.loading import load_model, load_tokenizer, quiet_librari
 from prolora_cli.training.args import TrainArgs, trackers_of
 from prolora_cli.training.checkpoints import LEGACY_SCHEDULER, SCHEDULER_NAME, STATE_NAME, CheckpointFault, resume_hint
 from prolora_cli.training.data import count_steps, eval_examples, make_loaders, training_examples, training_rows
+from prolora_cli.training.kernels import apply_kernels
 from prolora_cli.training.loop import Progress, Reporter, Run
+from prolora_cli.training.losses import with_loss, without_loss
 from prolora_cli.training.optimization import build_optimizer, build_scheduler
 from prolora_cli.training.run_config import RUN_KEY, flag_values
 from prolora_cli.training.run_folder import LOG_NAME, RUN_CONFIG, prepare_output
@@ -77,6 +79,7 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
     # records how it was prompted, so that chat and generate prompt it the same way.
     cfg = args.adapter if resume_from else replace(args.adapter, base_model=model_id, chat_format=fmt,
                                                    system_prompt=args.system_prompt)
+    apply_kernels(model, args.kernels)
     layers = inject(model, cfg)
     if fsdp_requested():
         check_shardable(cfg, layers)
@@ -87,6 +90,7 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total_params = count_trainable(model)
+    model = with_loss(model, args.loss)
     rows = training_rows(train_ds, args)
     loader, eval_loader = make_loaders(rows, eval_ds, tokenizer.pad_token_id, args, n)
     sampler = loader.sampler
@@ -101,7 +105,7 @@ def setup(args: TrainArgs, report: Reporter, resume_from: Optional[Path]) -> Run
                 trainable=trainable, total_params=total_params, chat_format=fmt, device=str(accelerator.device),
                 steps=total_steps, batch=args.batch_size * args.grad_accum * n, processes=n)
     return Run(args=args, cfg=cfg, report=report, accelerator=accelerator, model=model,
-               raw_model=accelerator.unwrap_model(model), layers=layers, shapes=shapes, loader=loader,
+               raw_model=without_loss(accelerator.unwrap_model(model)), layers=layers, shapes=shapes, loader=loader,
                sampler=sampler, eval_loader=eval_loader, optimizer=optimizer, scheduler=scheduler,
                total_steps=total_steps, info=info, progress=Progress(processes=n))
 
