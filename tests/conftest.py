@@ -100,3 +100,28 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+# Linux counts a child's peak RSS from its parent's RSS at the fork (the old image's peak survives the
+# exec), so a command forked from the test process would carry the tests' own memory. A small launcher
+# forks it instead and reports the peak the kernel counted for the command alone.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss(command: list[str], folder) -> tuple[subprocess.CompletedProcess, int]:
+    """Run a command as a child process; return its result and its own peak RSS in bytes, as the kernel
+    counted it."""
+    out, err, peak = folder / "stdout", folder / "stderr", folder / "peak_rss"
+    with open(out, "w") as o, open(err, "w") as e:
+        code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(peak), *map(str, command)], stdout=o,
+                              stderr=e).returncode
+    done = subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+    return done, int(peak.read_text()) * 1024

@@ -11,9 +11,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, tiny_llama, train_tokenizer
+from conftest import assert_one_line_error, peak_rss, run_cli, tiny_llama, train_tokenizer
 from safetensors import safe_open
-from test_streaming_merge import peak_rss
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prolora_cli.adapter.files import read_config, read_tensors

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, attach_adapter, train_tokenizer
+from conftest import assert_one_line_error, attach_adapter, peak_rss, train_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -151,16 +151,6 @@ def test_bad_checkpoints_fail_with_one_line_and_write_nothing(sharded_dir, tmp_p
     assert_one_line_error(run_merge("--adapter", adapter, "-o", tmp_path / "o", "--verify", "maybe"), "--verify")
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
-
-
-def peak_rss(command: list[str], folder) -> tuple[subprocess.CompletedProcess, int]:
-    """Run a child process; return its result and its peak RSS in bytes, as the kernel counted it."""
-    out, err = folder / "stdout", folder / "stderr"
-    with open(out, "w") as o, open(err, "w") as e:
-        child = subprocess.Popen(command, stdout=o, stderr=e)
-        _, status, usage = os.wait4(child.pid, 0)
-    done = subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(status), out.read_text(), err.read_text())
-    return done, usage.ru_maxrss * 1024
 
 
 def test_merging_a_7b_shaped_model_stays_below_its_size_in_memory(tmp_path):
