@@ -156,3 +156,9 @@ def tokenize_records(records, tokenizer, chat_format: str, max_seq_len: int, sou
     if cache_file is not None:
         kept = kept.flatten_indices(cache_file_name=cache_file)
     return kept, len(ds) - len(kept)
+
+
+def column(examples, name: str):
+    """One numeric column of tokenized examples (`length`, `trained`) as a NumPy array, read from Arrow
+    without touching the tokens."""
+    return examples.with_format("numpy", columns=[name])[:][name]

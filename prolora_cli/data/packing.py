@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prolora_cli.data.chat import IGNORE
+from prolora_cli.data.chat import IGNORE, column
 
 
 def pack_ranges(lengths: np.ndarray, max_len: int) -> np.ndarray:
@@ -33,7 +33,7 @@ class PackedRows(torch.utils.data.Dataset):
     numbers a row), never the packed tokens."""
 
     def __init__(self, examples, max_len: int):
-        lengths = examples.with_format("numpy", columns=["length"])[:]["length"]
+        lengths = column(examples, "length")
         self.examples = examples.with_format(None, columns=["input_ids", "labels"])
         self.ranges = pack_ranges(lengths, max_len)
         self.lengths = np.add.reduceat(lengths, self.ranges[:, 0]) if len(lengths) else lengths

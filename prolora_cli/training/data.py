@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from prolora_cli.data.cache import DATA_NAME, cached, source_stamp, tokenizer_stamp
-from prolora_cli.data.chat import IGNORE, pad_batch, tokenize_records
+from prolora_cli.data.chat import IGNORE, column, pad_batch, tokenize_records
 from prolora_cli.data.packing import PackedRows, collate_packed
 from prolora_cli.data.sources import describe_formats, load_hub, read_source
 from prolora_cli.errors import UserError
@@ -59,10 +59,11 @@ def tokenized_source(path, tokenizer, fmt: str, args: TrainArgs, say: Callable[[
     def build(folder: Path):
         scratch = folder / "scratch"
         records, skipped, shapes = read_source(path, args.skip_bad_lines, args.data_format, args.data_split, scratch)
-        if processes_to_tokenize(args) > 1:
+        processes = processes_to_tokenize(args)
+        if processes > 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are processes of their own
-        ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path),
-                                       processes_to_tokenize(args), args.system_prompt, str(folder / DATA_NAME))
+        ds, dropped = tokenize_records(records, tokenizer, fmt, args.max_seq_len, str(path), processes,
+                                       args.system_prompt, str(folder / DATA_NAME))
         read = len(records)
         del records
         shutil.rmtree(scratch, ignore_errors=True)
@@ -120,7 +121,7 @@ def row_lengths(rows) -> np.ndarray:
     """Each training sequence's length, as an array (read from the `length` column, never the tokens)."""
     if isinstance(rows, PackedRows):
         return rows.lengths
-    return rows.with_format("numpy", columns=["length"])[:]["length"]
+    return column(rows, "length")
 
 
 def count_steps(rows: int, args: TrainArgs, processes: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 
 from prolora_cli.adapter.planner import plan
-from prolora_cli.data.chat import IGNORE, resolve_chat_format
+from prolora_cli.data.chat import IGNORE, column, resolve_chat_format
 from prolora_cli.data.sources import describe_formats
 from prolora_cli.models.arch import resolve_architecture
 from prolora_cli.models.loading import load_tokenizer, quiet_libraries
@@ -33,7 +33,7 @@ def dry_run(args: TrainArgs) -> dict:
     fmt = resolve_chat_format(tokenizer, args.chat_format)
     ds, metas = training_examples(tokenizer, fmt, args, notes.append)  # fills the cache the run then reuses
     lengths = row_lengths(ds)
-    trained = ds.with_format("numpy", columns=["trained"])[:]["trained"]
+    trained = column(ds, "trained")
     arch = resolve_architecture(args.model)
     trainable = plan(arch, args.adapter)["trainable_params"]
     processes = int(os.environ.get("WORLD_SIZE", "1"))
