@@ -111,7 +111,8 @@ def train(
                                          "folder (OUTPUT/checkpoints/step-N)."),
     overwrite: bool = option(False, "--overwrite", panel=RUN, help="Replace an existing run in --output."),
     dry_run: bool = option(False, "--dry-run", panel=RUN, help="Read, render and count everything up to the first "
-                           "step, without the model's weights; print it and write nothing."),
+                           "step, without the model's weights; print it and write nothing but the tokenized-data "
+                           "cache."),
     as_json: bool = option(False, "--json", panel=RUN, help="With --dry-run: print the result as JSON."),
 ):
     """Fine-tune a model with PRoLoRA (or --method) as QLoRA on a 4-bit NF4 base, on chat data."""
